@@ -1,0 +1,51 @@
+"""The policy-loss extension point and the per-token tensors every loss reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from cappo_pl.losses.aggregation import AggMode
+
+
+@dataclass
+class TokenBatch:
+    """Per-token tensors of one mini-batch, all shaped (B, T) over completion positions.
+
+    Attributes:
+        logp: log pi_theta(a_t) under the current parameters (carries the gradient).
+        old_logp: log pi_old(a_t), recomputed with no grad at the start of the RL step (PPO anchor).
+        rollout_logp: log mu(a_t), recorded by the sampler (behaviour policy; DPPO's anchor).
+        advantages: A_t, the sequence advantage broadcast over its tokens.
+        mask: 1 for completion tokens that count (up to and including EOS), 0 for padding.
+        entropy: per-token entropy of the current policy (temperature-scaled), with gradient.
+        old_entropy: per-token entropy of pi_old, no gradient (None if not computed).
+        ref_logp: log pi_ref(a_t) (None when no objective needs the reference).
+        rewards: (B,) sequence rewards.
+        correct: (B,) bool, the sample counted as a success (reward >= the success threshold).
+    """
+
+    logp: Tensor
+    old_logp: Tensor
+    rollout_logp: Tensor
+    advantages: Tensor
+    mask: Tensor
+    entropy: Tensor | None = None
+    old_entropy: Tensor | None = None
+    ref_logp: Tensor | None = None
+    rewards: Tensor | None = None
+    correct: Tensor | None = None
+
+
+class PolicyLoss:
+    """Base class of policy surrogates, chosen in YAML by ``class_path``.
+
+    Subclasses implement ``__call__(batch) -> (loss, metrics)`` with ``metrics`` a dict of detached
+    scalar tensors whose keys are short (``clipfrac_low``); the module namespaces them.
+    """
+
+    agg: AggMode = "token-mean"
+
+    def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError

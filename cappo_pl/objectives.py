@@ -1,0 +1,102 @@
+"""Objectives: the named, weighted loss terms of a step.
+
+Each objective returns its raw (unweighted) loss and metrics; the module (and, later, a combiner)
+decides how the weighted terms become one update. ``weight`` is mutable so callbacks such as an
+entropy controller can steer it between steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from cappo_pl.losses.aggregation import AggMode, agg_loss, masked_mean
+from cappo_pl.losses.base import PolicyLoss, TokenBatch
+from cappo_pl.losses.kl import KLEstimator, kl_penalty
+from cappo_pl.losses.ppo import PPOClip
+
+
+class Objective:
+    """Base class of a loss term, chosen by ``class_path``.
+
+    Attributes:
+        name: key used in metric names (``train/objective/<name>/loss``) and by callbacks.
+        weight: the term's weight w_k in the update ``sum_k w_k grad L_k``.
+        needs_ref: the reference model must be loaded and scored.
+        needs_old_entropy: per-token entropy of pi_old must be recomputed at step start.
+    """
+
+    needs_ref: bool = False
+    needs_old_entropy: bool = False
+
+    def __init__(self, name: str, weight: float) -> None:
+        self.name = name
+        self.weight = float(weight)
+
+    def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+
+class PolicyObjective(Objective):
+    """The policy surrogate (reward objective).
+
+    Args:
+        loss: the surrogate (PPO-clip by default).
+        weight: weight of the term.
+        name: metric/controller name.
+    """
+
+    def __init__(self, loss: PolicyLoss | None = None, weight: float = 1.0, name: str = "policy") -> None:
+        super().__init__(name, weight)
+        self.loss = loss if loss is not None else PPOClip()
+        self.needs_old_entropy = getattr(self.loss, "needs_old_entropy", False)
+
+    def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.loss(batch)
+
+
+class EntropyBonus(Objective):
+    """Entropy regulariser ``L_H = -agg(H)`` on temperature-scaled per-token entropy (verl, TRL).
+
+    Minimising ``w * L_H`` raises entropy; ``weight`` is the entropy coefficient.
+
+    Args:
+        weight: entropy coefficient.
+        agg: aggregation mode (verl uses the policy loss's mode; TRL always token-mean).
+        name: metric/controller name.
+    """
+
+    def __init__(self, weight: float = 0.001, agg: AggMode = "token-mean", name: str = "entropy") -> None:
+        super().__init__(name, weight)
+        self.agg = agg
+
+    def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        if batch.entropy is None:
+            raise RuntimeError("EntropyBonus needs the per-token entropy of the current forward")
+        loss = -agg_loss(batch.entropy, batch.mask, self.agg)
+        return loss, {"entropy": masked_mean(batch.entropy.detach(), batch.mask)}
+
+
+class KLPenalty(Objective):
+    """KL-to-reference penalty ``L_KL = agg(k(logp, ref_logp))`` (GRPO's in-loss KL).
+
+    Args:
+        weight: KL coefficient beta (DeepSeekMath 0.04; verl 0.001).
+        estimator: k1, k2, k3 or a straight-through ``+`` variant.
+        agg: aggregation mode.
+        name: metric/controller name.
+    """
+
+    needs_ref = True
+
+    def __init__(self, weight: float = 0.001, estimator: KLEstimator = "k3", agg: AggMode = "token-mean", name: str = "kl") -> None:
+        super().__init__(name, weight)
+        self.estimator = estimator
+        self.agg = agg
+        kl_penalty(torch.zeros(1), torch.zeros(1), estimator)  # fail at construction on a bad name
+
+    def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        if batch.ref_logp is None:
+            raise RuntimeError("KLPenalty needs reference logprobs")
+        kl = kl_penalty(batch.logp, batch.ref_logp, self.estimator)
+        return agg_loss(kl, batch.mask, self.agg), {"kl": masked_mean(kl.detach(), batch.mask)}
