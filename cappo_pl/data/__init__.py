@@ -1,0 +1,8 @@
+"""Data: records, readers, tasks and the DataModule."""
+
+from cappo_pl.data.datamodule import PromptStream, RLDataModule
+from cappo_pl.data.readers import read_records
+from cappo_pl.data.records import PromptBatch, Record
+from cappo_pl.data.tasks import FileTask, SumTask, Task, compositions
+
+__all__ = ["FileTask", "PromptBatch", "PromptStream", "RLDataModule", "Record", "SumTask", "Task", "compositions", "read_records"]

@@ -1,0 +1,122 @@
+"""The DataModule: a resumable stream of prompt batches for training, fixed batches for validation."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+
+from cappo_pl.data.readers import check_prompt_lengths
+from cappo_pl.data.records import PromptBatch, Record
+from cappo_pl.data.tasks import SumTask, Task
+from cappo_pl.errors import ConfigError
+
+
+class PromptStream:
+    """Endless shuffled passes over the training records, cut into batches; resumable.
+
+    Batch ``i`` is a pure function of ``(seed, i)``. The module reports each consumed batch with
+    ``mark_consumed`` and the stream's ``state_dict`` holds that position, so Lightning's
+    prefetching cannot make a resumed run skip or repeat a batch. One Lightning epoch is
+    ``steps_per_epoch`` batches; iteration stops at the next epoch boundary.
+    """
+
+    def __init__(self, records: list[Record], batch_size: int, steps_per_epoch: int, seed: int) -> None:
+        if batch_size > len(records):
+            raise ConfigError(f"data.prompts_per_step={batch_size} is larger than the {len(records)} training prompts")
+        self.records, self.batch_size, self.steps_per_epoch, self.seed = records, batch_size, steps_per_epoch, seed
+        self.position = 0
+
+    def batch(self, index: int) -> PromptBatch:
+        """The batch at absolute stream position ``index``."""
+        per_pass = len(self.records) // self.batch_size
+        pass_id, slot = divmod(index, per_pass)
+        order = list(range(len(self.records)))
+        random.Random(self.seed * 1_000_003 + pass_id).shuffle(order)
+        picks = order[slot * self.batch_size : (slot + 1) * self.batch_size]
+        return PromptBatch([self.records[i] for i in picks], index)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __iter__(self) -> Iterator[PromptBatch]:
+        end = (self.position // self.steps_per_epoch + 1) * self.steps_per_epoch
+        for index in range(self.position, end):
+            yield self.batch(index)
+
+    def mark_consumed(self, index: int) -> None:
+        """Record that batch ``index`` was trained on."""
+        self.position = index + 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = int(state["position"])
+
+
+class RLDataModule(pl.LightningDataModule):
+    """Prompts (with answers, metadata and SFT references) for RL.
+
+    Args:
+        task: where records and the reward come from (built-in ``SumTask`` by default, or ``FileTask``).
+        prompts_per_step: prompts per RL step (each gets ``model.rollout.group_size`` completions).
+        steps_per_epoch: RL steps per Lightning epoch; total RL steps = this x ``trainer.max_epochs``.
+        val_prompts: held-out prompts used in validation (None: all).
+        val_batch_size: prompts per validation batch.
+        max_prompt_tokens: a longer prompt is an error naming its file:line.
+        seed: seed of the training order.
+    """
+
+    def __init__(
+        self,
+        task: Task | None = None,
+        prompts_per_step: int = 16,
+        steps_per_epoch: int = 100,
+        val_prompts: int | None = None,
+        val_batch_size: int = 32,
+        max_prompt_tokens: int = 128,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.task = task if task is not None else SumTask()
+        self.prompts_per_step, self.steps_per_epoch = prompts_per_step, steps_per_epoch
+        self.val_prompts, self.val_batch_size = val_prompts, val_batch_size
+        self.max_prompt_tokens, self.seed = max_prompt_tokens, seed
+        self._checked = False
+        self._stream: PromptStream | None = None
+
+    def _tokenizer(self):
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return getattr(module, "tokenizer", None)
+
+    def checked_records(self, split: str) -> list[Record]:
+        """Train or val records, validated (prompt token limit) on first use."""
+        train, val = self.task.train_records(), self.task.val_records()
+        if not self._checked:
+            tok = self._tokenizer()
+            if tok is not None:
+                count = lambda text: len(tok(text, add_special_tokens=True)["input_ids"])  # noqa: E731
+                check_prompt_lengths(train + val, count, self.max_prompt_tokens)
+            self._checked = True
+        return train if split == "train" else val
+
+    def prepare_data(self) -> None:
+        # Fail fast (before any model work) on a bad data file.
+        self.checked_records("train")
+
+    def setup(self, stage: str) -> None:
+        self.checked_records("train")
+
+    def train_dataloader(self) -> PromptStream:
+        if self._stream is None:
+            self._stream = PromptStream(self.checked_records("train"), self.prompts_per_step, self.steps_per_epoch, self.seed)
+        return self._stream
+
+    def val_dataloader(self) -> list[PromptBatch]:
+        records = self.checked_records("val")
+        if self.val_prompts is not None:
+            records = records[: self.val_prompts]
+        return [PromptBatch(records[i : i + self.val_batch_size], i) for i in range(0, len(records), self.val_batch_size)]

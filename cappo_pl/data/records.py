@@ -1,0 +1,36 @@
+"""The record schema shared by the built-in task and file readers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Record:
+    """One prompt with what the reward and the SRR need.
+
+    Attributes:
+        prompt: the text the policy continues (non-empty).
+        references: SFT reference completions (may be empty for RL-only data).
+        answer: the ground truth a reward function may compare against (optional).
+        extra: any other fields, passed to the reward function as keyword lists.
+        source: ``file:line`` (or ``builtin:<task>#i``) for error messages.
+    """
+
+    prompt: str
+    references: list[str] = field(default_factory=list)
+    answer: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+@dataclass
+class PromptBatch:
+    """A batch of prompts; ``index`` is the absolute position in the training stream (for resume)."""
+
+    records: list[Record]
+    index: int = -1
+
+    def __len__(self) -> int:
+        return len(self.records)

@@ -1,0 +1,128 @@
+"""Tasks: where prompts, references and the reward come from.
+
+``SumTask`` is the built-in task: "write N as a sum of k positive integers". Every prompt has many
+valid completions (N - 1 for k = 2), so an RL policy that collapses onto a few of them loses
+measurable support while keeping its reward. ``FileTask`` reads JSONL/Parquet files.
+"""
+
+from __future__ import annotations
+
+import random
+from itertools import combinations
+
+from cappo_pl.data.readers import read_records
+from cappo_pl.data.records import Record
+from cappo_pl.rewards.base import RewardFn, RewardFunction, resolve_reward
+from cappo_pl.rewards.builtin import sum_reward
+
+
+class Task:
+    """Base class of a task: train/val records and the reward."""
+
+    def train_records(self) -> list[Record]:
+        """Records the policy trains on."""
+        raise NotImplementedError
+
+    def val_records(self) -> list[Record]:
+        """Held-out records (reward/accuracy and SRR)."""
+        raise NotImplementedError
+
+    def reward_fn(self) -> RewardFn:
+        """The reward ``fn(prompts, completions, **fields)``."""
+        raise NotImplementedError
+
+
+def compositions(n: int, k: int) -> list[tuple[int, ...]]:
+    """All ordered ways to write n as k positive integers (stars and bars), lexicographic."""
+    out = []
+    for cuts in combinations(range(1, n), k - 1):
+        bounds = (0, *cuts, n)
+        out.append(tuple(bounds[i + 1] - bounds[i] for i in range(k)))
+    return out
+
+
+class SumTask(Task):
+    """Write N as a sum of ``n_terms`` positive integers: prompt ``"17="``, completion e.g. ``"9+8"``.
+
+    N runs over ``[min_n, max_n]``; every ``val_every``-th N is held out for validation. Each prompt
+    gets ``references_per_prompt`` distinct valid completions drawn uniformly (seeded), the SFT data.
+
+    Args:
+        min_n: smallest N (>= n_terms).
+        max_n: largest N.
+        n_terms: number of summands k.
+        references_per_prompt: SFT reference completions per prompt (>= 8 recommended).
+        val_every: every val_every-th N goes to validation.
+        seed: seed of the reference draw.
+    """
+
+    def __init__(
+        self,
+        min_n: int = 10,
+        max_n: int = 99,
+        n_terms: int = 2,
+        references_per_prompt: int = 12,
+        val_every: int = 5,
+        seed: int = 0,
+    ) -> None:
+        if n_terms < 2 or min_n < n_terms or max_n < min_n:
+            raise ValueError(f"data.task: need 2 <= n_terms <= min_n <= max_n, got {n_terms}, {min_n}, {max_n}")
+        self.min_n, self.max_n, self.n_terms = min_n, max_n, n_terms
+        self.references_per_prompt, self.val_every, self.seed = references_per_prompt, val_every, seed
+        self._records = self._build()
+
+    def _build(self) -> dict[str, list[Record]]:
+        rng = random.Random(self.seed)
+        split: dict[str, list[Record]] = {"train": [], "val": []}
+        for i, n in enumerate(range(self.min_n, self.max_n + 1)):
+            pool = compositions(n, self.n_terms)
+            picks = rng.sample(pool, min(self.references_per_prompt, len(pool)))
+            refs = ["+".join(map(str, p)) for p in picks]
+            rec = Record(
+                prompt=f"{n}=",
+                references=refs,
+                answer=str(n),
+                extra={"target": n, "n_terms": self.n_terms},
+                source=f"builtin:sum#{n}",
+            )
+            split["val" if self.val_every and i % self.val_every == self.val_every - 1 else "train"].append(rec)
+        return split
+
+    def train_records(self) -> list[Record]:
+        return self._records["train"]
+
+    def val_records(self) -> list[Record]:
+        return self._records["val"]
+
+    def reward_fn(self) -> RewardFn:
+        return sum_reward
+
+
+class FileTask(Task):
+    """Records from local files (schema in ``cappo_pl.data.readers``).
+
+    Args:
+        train_file: .jsonl or .parquet with training prompts.
+        val_file: held-out prompts (optional; without it validation is skipped).
+        reward: ``RewardFunction`` (class_path), ``"module:function"`` or ``"path/file.py:function"``.
+    """
+
+    def __init__(self, train_file: str, val_file: str | None = None, reward: RewardFunction | str = "cappo_pl.rewards:exact_match") -> None:
+        self.train_file, self.val_file, self.reward = train_file, val_file, reward
+        self._cache: dict[str, list[Record]] = {}
+
+    def _load(self, key: str, path: str | None) -> list[Record]:
+        if path is None:
+            return []
+        if key not in self._cache:
+            self._cache[key] = read_records(path)
+        return self._cache[key]
+
+    def train_records(self) -> list[Record]:
+        return self._load("train", self.train_file)
+
+    def val_records(self) -> list[Record]:
+        return self._load("val", self.val_file)
+
+    def reward_fn(self) -> RewardFn:
+        return resolve_reward(self.reward)

@@ -1,0 +1,148 @@
+"""Policy, reference and tokenizer builders.
+
+A policy is either an HF causal LM in a local folder (never the hub: loading is local-only) or the
+built-in tiny Llama-style model with a character-level tokenizer built offline. The built-in model
+can be warm-started by SFT on the data's reference completions (see ``cappo_pl.sft``); the result
+is saved with ``save_pretrained`` and loaded back through the same local-folder path as any HF model.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from cappo_pl.errors import ConfigError
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the built-in Llama-style model (about 0.8M parameters with the defaults)."""
+
+    hidden_size: int = 128
+    """Model width."""
+    num_layers: int = 4
+    """Transformer blocks."""
+    num_heads: int = 4
+    """Attention heads."""
+    intermediate_size: int = 512
+    """MLP width."""
+    max_position_embeddings: int = 256
+    """Longest prompt + completion in tokens."""
+    init_seed: int = 0
+    """Seed of the random initialisation."""
+
+
+@dataclass
+class SFTConfig:
+    """SFT warm start of the built-in model on the data's reference completions (cached by config hash)."""
+
+    steps: int = 1500
+    """Optimizer steps."""
+    batch_size: int = 64
+    """Sequences per step."""
+    lr: float = 3e-3
+    """Peak learning rate (linear warm-up, cosine decay)."""
+    warmup_steps: int = 50
+    """Warm-up steps."""
+    seed: int = 0
+    """Seed of the data order."""
+    eval_samples: int = 8
+    """Completions sampled per prompt to report the SFT policy's accuracy."""
+    cache_dir: str = ".cache/cappo_pl/sft"
+    """Where trained checkpoints are kept, one folder per config hash."""
+
+
+@dataclass
+class PolicyConfig:
+    """Where the policy comes from.
+
+    Set ``path`` to a local HF folder (``AutoModelForCausalLM.from_pretrained``), or leave it None
+    for the built-in tiny model, warm-started by SFT unless ``sft`` is null.
+    """
+
+    path: str | None = None
+    """Local folder with config.json, weights and tokenizer files (never downloaded)."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Shape of the built-in model (used when ``path`` is None)."""
+    sft: SFTConfig | None = field(default_factory=SFTConfig)
+    """SFT warm start of the built-in model; null starts RL from random weights."""
+    dtype: str = "float32"
+    """Parameter dtype: float32 or bfloat16."""
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over printable ASCII plus specials, built with no download.
+
+    Every encoded text starts with ``<bos>``. Unknown characters map to ``<unk>``.
+    """
+    chars = [c for c in string.printable if c not in "\t\n\r\x0b\x0c"] + ["\n"]
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def build_tiny_model(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    """Randomly initialised Llama-style causal LM sized by ``cfg`` for ``tokenizer``."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.init_seed)
+        return LlamaForCausalLM(config)
+
+
+def load_pretrained(path: str | Path, dtype: str = "float32") -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    """Load a causal LM and its tokenizer from a local folder, never from the hub.
+
+    Raises:
+        ConfigError: the folder does not exist or does not hold a loadable model.
+    """
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"model.policy.path: {folder} is not a local HF model folder (no config.json)")
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
+    if torch_dtype is None:
+        raise ConfigError(f"model.policy.dtype: expected float32 or bfloat16, got {dtype!r}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.policy.path: cannot load {folder}: {str(err).splitlines()[0]}") from err
+    if tokenizer.pad_token_id is None:
+        # Left padding needs a pad id; the pad positions are masked everywhere, so EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Put a reference model in eval mode with no trainable parameters."""
+    model.eval()
+    model.requires_grad_(False)
+    return model

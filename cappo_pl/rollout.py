@@ -1,0 +1,166 @@
+"""Sampling G completions per prompt with a KV cache.
+
+The prompt is encoded once; each new token is one cached forward of the whole batch (no per-token
+Python loop over samples, no recomputation of the prompt). The sampler records its own token
+logprobs (the behaviour policy mu, DPPO's anchor) on the temperature-scaled, unfiltered
+distribution, i.e. the same quantity the trainer recomputes; with ``top_p < 1`` tokens are drawn
+from the nucleus but their logprob is still that of the full tempered distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from cappo_pl.scoring import position_ids_from_mask
+
+
+@dataclass
+class RolloutConfig:
+    """How completions are sampled."""
+
+    group_size: int = 8
+    """Completions per prompt G."""
+    max_new_tokens: int = 16
+    """Longest completion; a completion without EOS by then counts as truncated."""
+    temperature: float = 1.0
+    """Sampling temperature; scoring uses the same one."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0: off)."""
+    top_k_logprobs: int = 0
+    """Record the top-k logprobs per position (sampled token forced in), for DPPO Top-K; 0: off."""
+
+
+@dataclass
+class Rollout:
+    """Sampled completions, N = prompts x G rows (group-major).
+
+    Attributes:
+        prompt_ids: (N, P) left-padded prompt ids.
+        prompt_mask: (N, P).
+        completion_ids: (N, T) right-padded with the pad id.
+        completion_mask: (N, T) 1 up to and including EOS.
+        rollout_logp: (N, T) the sampler's token logprobs (behaviour policy mu).
+        truncated: (N,) no EOS within max_new_tokens.
+        topk_ids: (N, T, K) or None.
+        topk_logp: (N, T, K) or None.
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    completion_ids: Tensor
+    completion_mask: Tensor
+    rollout_logp: Tensor
+    truncated: Tensor
+    topk_ids: Tensor | None = None
+    topk_logp: Tensor | None = None
+
+    @property
+    def input_ids(self) -> Tensor:
+        """(N, P + T) prompt and completion."""
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """(N, P + T); padding after EOS is masked out."""
+        return torch.cat([self.prompt_mask, self.completion_mask.to(self.prompt_mask.dtype)], dim=1)
+
+    def select(self, idx: Tensor) -> Rollout:
+        """Rows ``idx`` of every tensor."""
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return Rollout(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
+
+
+def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
+    """Set logits outside the smallest set with cumulative probability >= top_p to -inf (keeps >= 1)."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    drop = probs.cumsum(-1) - probs > top_p  # mass before this token already reaches top_p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def _cache_of(out) -> object:
+    # transformers 5.x renamed the returned KV cache from ``past_key_values`` to ``cache``.
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    cfg: RolloutConfig,
+    eos_id: int,
+    pad_id: int,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Sample ``cfg.group_size`` completions per prompt.
+
+    Args:
+        model: HF causal LM.
+        prompt_ids: (B, P) left-padded prompts.
+        prompt_mask: (B, P).
+        cfg: sampling settings.
+        eos_id: end-of-sequence id (stops a row; the EOS token is part of the completion).
+        pad_id: id written after EOS.
+        generator: RNG for the draws (seeded per step for reproducibility).
+
+    Returns:
+        A ``Rollout`` with N = B x G rows.
+    """
+    was_training = model.training
+    model.eval()
+    ids = prompt_ids.repeat_interleave(cfg.group_size, dim=0)
+    attn = prompt_mask.repeat_interleave(cfg.group_size, dim=0).long()
+    n = ids.shape[0]
+    pos = position_ids_from_mask(attn)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    past, logits = _cache_of(out), out.logits[:, -1]
+    next_pos = pos[:, -1:] + 1
+    finished = torch.zeros(n, dtype=torch.bool, device=ids.device)
+    tokens, logps, topk_ids, topk_lps = [], [], [], []
+    for step in range(cfg.max_new_tokens):
+        z = logits.float() / cfg.temperature
+        logp_all = torch.log_softmax(z, dim=-1)
+        probs = torch.softmax(top_p_filter(z, cfg.top_p), dim=-1)
+        tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
+        logps.append(logp_all.gather(-1, tok.unsqueeze(-1)).squeeze(-1))
+        if cfg.top_k_logprobs:
+            k_lp, k_id = logp_all.topk(cfg.top_k_logprobs, dim=-1)
+            # Force the sampled token into the set (replacing rank K) when it is missing, as vLLM users do.
+            missing = ~(k_id == tok.unsqueeze(-1)).any(-1)
+            k_id[missing, -1] = tok[missing]
+            k_lp[missing, -1] = logps[-1][missing]
+            topk_ids.append(k_id)
+            topk_lps.append(k_lp)
+        tokens.append(tok)
+        finished = finished | (tok == eos_id)
+        if bool(finished.all()) or step == cfg.max_new_tokens - 1:
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        out = model(input_ids=tok.unsqueeze(-1), attention_mask=attn, position_ids=next_pos, cache=past, use_cache=True)
+        past, logits = _cache_of(out), out.logits[:, -1]
+        next_pos = next_pos + 1
+    model.train(was_training)
+    completion = torch.stack(tokens, dim=1)
+    is_eos = completion == eos_id
+    # Valid: every position up to and including the first EOS.
+    before_eos = (is_eos.long().cumsum(-1) - is_eos.long()) == 0
+    truncated = ~is_eos.any(-1)
+    return Rollout(
+        prompt_ids=ids,
+        prompt_mask=prompt_mask.repeat_interleave(cfg.group_size, dim=0),
+        completion_ids=completion,
+        completion_mask=before_eos.float(),
+        rollout_logp=torch.stack(logps, dim=1) * before_eos,
+        truncated=truncated,
+        topk_ids=torch.stack(topk_ids, dim=1) if topk_ids else None,
+        topk_logp=torch.stack(topk_lps, dim=1) if topk_lps else None,
+    )
