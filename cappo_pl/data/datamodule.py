@@ -57,6 +57,19 @@ class PromptStream:
         self.position = int(state["position"])
 
 
+class FixedBatches:
+    """A fixed sequence of prompt batches (validation); one dataloader, not a list of them."""
+
+    def __init__(self, batches: list[PromptBatch]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[PromptBatch]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class RLDataModule(pl.LightningDataModule):
     """Prompts (with answers, metadata and SFT references) for RL.
 
@@ -115,8 +128,9 @@ class RLDataModule(pl.LightningDataModule):
             self._stream = PromptStream(self.checked_records("train"), self.prompts_per_step, self.steps_per_epoch, self.seed)
         return self._stream
 
-    def val_dataloader(self) -> list[PromptBatch]:
+    def val_dataloader(self) -> FixedBatches:
         records = self.checked_records("val")
         if self.val_prompts is not None:
             records = records[: self.val_prompts]
-        return [PromptBatch(records[i : i + self.val_batch_size], i) for i in range(0, len(records), self.val_batch_size)]
+        step = self.val_batch_size
+        return FixedBatches([PromptBatch(records[i : i + step], i) for i in range(0, len(records), step)])

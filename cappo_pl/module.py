@@ -1,0 +1,324 @@
+"""RLModule: the RL fine-tuning loop as one readable story.
+
+One ``training_step`` is one RL step on a batch of prompts:
+rollout -> rewards -> pi_old/ref scores -> advantages -> PPO epochs x mini-batches of
+(forward, objectives, backward, clip, optimizer step). Math lives in pure functions elsewhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from cappo_pl.advantages import GRPO, AdvantageEstimator, zero_std_group_fraction
+from cappo_pl.data.records import PromptBatch, Record
+from cappo_pl.losses.aggregation import masked_mean
+from cappo_pl.losses.base import TokenBatch
+from cappo_pl.losses.kl import kl_penalty
+from cappo_pl.models import PolicyConfig, build_char_tokenizer, build_tiny_model, freeze, load_pretrained
+from cappo_pl.objectives import Objective, PolicyObjective
+from cappo_pl.rewards.base import call_reward
+from cappo_pl.rollout import Rollout, RolloutConfig, sample
+from cappo_pl.scoring import score_completions
+from cappo_pl.sft import ensure_sft_checkpoint, sft_cache_key
+
+
+@dataclass
+class PPOConfig:
+    """How each RL step's rollouts are turned into updates."""
+
+    epochs: int = 1
+    """Passes over the step's rollouts (PPO epochs)."""
+    minibatches: int = 1
+    """Optimizer steps per epoch; the rollouts are split into this many shuffled mini-batches."""
+    clip_grad_norm: float | None = 1.0
+    """Clip the update's global L2 norm (None: no clipping)."""
+    score_chunk_tokens: int = 4096
+    """Tokens per LM-head chunk when scoring (bounds the logits memory)."""
+    reward_on_error: Literal["raise", "skip"] = "raise"
+    """A non-finite reward fails the run (raise) or drops that sample from the loss (skip, counted)."""
+    success_threshold: float = 1.0
+    """A sample with reward >= this counts as correct (accuracy)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up, then constant."""
+
+    lr: float = 1e-4
+    """Learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.999
+    """Adam beta2."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up."""
+
+
+class RLModule(pl.LightningModule):
+    """RL fine-tuning of a causal LM with pluggable objectives.
+
+    Args:
+        policy: where the policy comes from (local HF folder or the built-in tiny model + SFT).
+        objectives: the loss terms (default: one ``PolicyObjective`` with PPO-clip).
+        advantage: the advantage estimator (default GRPO).
+        rollout: sampling settings.
+        ppo: epochs, mini-batches, clipping.
+        optim: optimizer settings.
+        val_samples: completions per held-out prompt in validation.
+        monitor_kl: load the reference to log ``train/policy/kl_ref`` even when no objective needs it.
+        seed: seed of sampling and mini-batch order (combined with the step index and rank).
+    """
+
+    def __init__(
+        self,
+        policy: PolicyConfig | None = None,
+        objectives: list[Objective] | None = None,
+        advantage: AdvantageEstimator | None = None,
+        rollout: RolloutConfig | None = None,
+        ppo: PPOConfig | None = None,
+        optim: OptimConfig | None = None,
+        val_samples: int = 4,
+        monitor_kl: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.policy_cfg = policy or PolicyConfig()
+        self.objectives = objectives if objectives else [PolicyObjective()]
+        names = [o.name for o in self.objectives]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model.objectives: names must be unique, got {names}")
+        self.advantage = advantage or GRPO()
+        self.rollout_cfg = rollout or RolloutConfig()
+        self.ppo = ppo or PPOConfig()
+        self.optim = optim or OptimConfig()
+        self.val_samples, self.seed = val_samples, seed
+        self.needs_ref = monitor_kl or any(o.needs_ref for o in self.objectives)
+        self.tokenizer = self._build_tokenizer()
+        self.policy: torch.nn.Module | None = None
+        self._reference: list[torch.nn.Module] = []  # a list hides it from state_dict and DDP
+        self.last_samples: list[dict[str, Any]] = []
+
+    # ----------------------------------------------------------------------------------- setup
+    def _build_tokenizer(self):
+        if self.policy_cfg.path is not None:
+            return load_pretrained(self.policy_cfg.path, self.policy_cfg.dtype)[1]
+        return build_char_tokenizer()
+
+    def _records(self) -> tuple[list[Record], list[Record]]:
+        dm = self.trainer.datamodule
+        return dm.checked_records("train"), dm.checked_records("val")
+
+    def _reward_fn(self):
+        return self.trainer.datamodule.task.reward_fn()
+
+    def prepare_sft(self) -> None:
+        """Train (or find cached) the SFT warm start of the built-in model."""
+        cfg = self.policy_cfg
+        if cfg.path is None and cfg.sft is not None:
+            train, val = self._records()
+            ensure_sft_checkpoint(cfg.tiny, cfg.sft, train, val, self._reward_fn(), log=self.print)
+
+    def prepare_data(self) -> None:
+        self.prepare_sft()
+
+    def setup(self, stage: str) -> None:
+        if self.policy is not None:
+            return
+        cfg = self.policy_cfg
+        if cfg.path is not None:
+            self.policy = load_pretrained(cfg.path, cfg.dtype)[0]
+        elif cfg.sft is not None:
+            folder = f"{cfg.sft.cache_dir}/{sft_cache_key(cfg.tiny, cfg.sft, self._records()[0])}"
+            self.policy, self.tokenizer = load_pretrained(folder, cfg.dtype)
+        else:
+            self.policy = build_tiny_model(cfg.tiny, self.tokenizer)
+        if self.needs_ref:
+            self._reference = [freeze(copy.deepcopy(self.policy))]
+        self.reward_fn = self._reward_fn()
+
+    @property
+    def reference(self) -> torch.nn.Module | None:
+        """The frozen reference policy (None when nothing needs it)."""
+        return self._reference[0] if self._reference else None
+
+    def on_fit_start(self) -> None:
+        if self.reference is not None:
+            self.reference.to(self.device)
+
+    def on_train_epoch_start(self) -> None:
+        # Dropout off (as verl): the ratio pi/pi_old must compare the same function.
+        self.policy.eval()
+
+    def configure_optimizers(self):
+        o = self.optim
+        opt = torch.optim.AdamW(self.policy.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2))
+        warm = max(1, o.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -------------------------------------------------------------------------------- helpers
+    def _generator(self, index: int, salt: int) -> torch.Generator:
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(((self.seed * 1_000_003 + index) * 97 + self.global_rank) * 7 + salt)
+        return gen
+
+    def _rollout(self, records: list[Record], cfg: RolloutConfig, gen: torch.Generator) -> tuple[Rollout, list[str]]:
+        enc = self.tokenizer([r.prompt for r in records], padding=True, padding_side="left", return_tensors="pt")
+        ro = sample(
+            self.policy, enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device),
+            cfg, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, gen,
+        )  # fmt: skip
+        return ro, self.tokenizer.batch_decode(ro.completion_ids, skip_special_tokens=True)
+
+    def _rewards(self, records: list[Record], texts: list[str], group: int) -> tuple[Tensor, Tensor]:
+        prompts = [r.prompt for r in records for _ in range(group)]
+        fields: dict[str, list[Any]] = {"answer": [r.answer for r in records for _ in range(group)]}
+        for key in {k for r in records for k in r.extra}:
+            fields[key] = [r.extra.get(key) for r in records for _ in range(group)]
+        rewards, valid = call_reward(self.reward_fn, prompts, texts, fields, self.ppo.reward_on_error)
+        return rewards.to(self.device), valid.to(self.device)
+
+    def _score(self, model: torch.nn.Module, ro: Rollout):
+        return score_completions(
+            model, ro.input_ids, ro.attention_mask, ro.completion_ids.shape[1],
+            self.rollout_cfg.temperature, self.ppo.score_chunk_tokens,
+        )  # fmt: skip
+
+    # ---------------------------------------------------------------------------- the RL step
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        cfg, group = self.rollout_cfg, self.rollout_cfg.group_size
+        t0 = time.perf_counter()
+
+        # 1. Rollout: G completions per prompt, keeping the sampler's logprobs (mu).
+        ro, texts = self._rollout(batch.records, cfg, self._generator(batch.index, 0))
+        t1 = time.perf_counter()
+
+        # 2. Rewards (validated), 3. pi_old (+ entropy) and reference scores, no grad.
+        rewards, valid = self._rewards(batch.records, texts, group)
+        with torch.no_grad():
+            old = self._score(self.policy, ro)
+            ref_logp = self._score(self.reference, ro).logp if self.reference is not None else None
+        mask = ro.completion_mask * valid.unsqueeze(-1)
+
+        # 4. Advantages per sequence, broadcast over its tokens; skipped samples carry none.
+        adv_seq = self.advantage(rewards, group) * valid
+        advantages = adv_seq.unsqueeze(-1).expand_as(mask)
+        correct = rewards >= self.ppo.success_threshold
+        t2 = time.perf_counter()
+
+        # 5. PPO epochs x mini-batches: one optimizer step each.
+        n = rewards.numel()
+        update_metrics: list[dict[str, Tensor]] = []
+        gen = self._generator(batch.index, 1)
+        for _ in range(self.ppo.epochs):
+            perm = torch.randperm(n, generator=gen, device=self.device)
+            for idx in perm.chunk(self.ppo.minibatches):
+                sub = ro.select(idx)
+                cur = self._score(self.policy, sub)
+                tb = TokenBatch(
+                    logp=cur.logp, old_logp=old.logp[idx], rollout_logp=sub.rollout_logp, advantages=advantages[idx],
+                    mask=mask[idx], entropy=cur.entropy, old_entropy=old.entropy[idx],
+                    ref_logp=None if ref_logp is None else ref_logp[idx], rewards=rewards[idx], correct=correct[idx],
+                )  # fmt: skip
+                total, metrics = self._objective_losses(tb)
+                opt.zero_grad(set_to_none=True)
+                self.manual_backward(total)
+                metrics["grad_norm"] = self._grad_norm()
+                if self.ppo.clip_grad_norm is not None:
+                    self.clip_gradients(opt, gradient_clip_val=self.ppo.clip_grad_norm, gradient_clip_algorithm="norm")
+                opt.step()
+                sched.step()
+                update_metrics.append(metrics)
+        t3 = time.perf_counter()
+
+        # 6. Metrics, the sample table, and the stream position (for exact resume).
+        self._log_step(batch, ro, rewards, valid, correct, old, ref_logp, mask, update_metrics, (t0, t1, t2, t3))
+        self.last_samples = [
+            {"prompt": batch.records[i // group].prompt, "completion": texts[i], "reward": float(rewards[i])}
+            for i in range(0, n, max(1, group // 2))
+        ][:8]
+        stream = self.trainer.train_dataloader
+        if hasattr(stream, "mark_consumed"):
+            stream.mark_consumed(batch.index)
+
+    def _objective_losses(self, tb: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """Weighted sum of the objectives and their namespaced metrics."""
+        total = torch.zeros((), device=self.device)
+        metrics: dict[str, Tensor] = {}
+        for obj in self.objectives:
+            loss, m = obj(tb)
+            total = total + obj.weight * loss
+            metrics[f"objective/{obj.name}/loss"] = loss.detach()
+            prefix = "policy/" if isinstance(obj, PolicyObjective) else f"objective/{obj.name}/"
+            metrics.update({prefix + k: v for k, v in m.items()})
+        metrics["loss/total"] = total.detach()
+        return total, metrics
+
+    def _grad_norm(self) -> Tensor:
+        norms = [p.grad.detach().norm() for p in self.policy.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=self.device)
+
+    def _log_step(self, batch, ro, rewards, valid, correct, old, ref_logp, mask, update_metrics, times) -> None:
+        group = self.rollout_cfg.group_size
+        lengths = ro.completion_mask.sum(-1)
+        logs: dict[str, Any] = {
+            "train/reward/mean": rewards[valid].mean() if valid.any() else torch.tensor(float("nan")),
+            "train/reward/std": rewards[valid].std() if valid.sum() > 1 else torch.tensor(0.0),
+            "train/reward/skipped": (~valid).float().sum(),
+            "train/accuracy": correct[valid].float().mean() if valid.any() else torch.tensor(float("nan")),
+            "train/response_length/mean": lengths.mean(),
+            "train/response_length/max": lengths.max(),
+            "train/response_length/truncated_ratio": ro.truncated.float().mean(),
+            "train/zero_std_groups": zero_std_group_fraction(rewards, group),
+            "train/policy/entropy": masked_mean(old.entropy, mask),
+            "train/lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
+            "train/rl_step": torch.tensor(float(batch.index)),
+            "train/time/rollout_s": torch.tensor(times[1] - times[0]),
+            "train/time/score_s": torch.tensor(times[2] - times[1]),
+            "train/time/update_s": torch.tensor(times[3] - times[2]),
+        }
+        if ref_logp is not None:
+            logs["train/policy/kl_ref"] = masked_mean(kl_penalty(old.logp, ref_logp, "k3"), mask)
+        for key in update_metrics[0]:
+            logs[f"train/{key}"] = torch.stack([m[key] for m in update_metrics]).mean()
+        for obj in self.objectives:
+            logs[f"train/objective/{obj.name}/weight"] = torch.tensor(obj.weight)
+        self.log_dict({k: v.float() for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=len(batch))
+
+    # ----------------------------------------------------------------------------- validation
+    def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        ro, texts = self._rollout(batch.records, self.rollout_cfg_for_val(), self._generator(batch_idx, 2))
+        rewards, valid = self._rewards(batch.records, texts, self.val_samples)
+        correct = (rewards >= self.ppo.success_threshold) & valid
+        size = rewards.numel()
+        self.log("val/reward/mean", rewards.mean(), batch_size=size, sync_dist=True)
+        self.log("val/accuracy", correct.float().mean(), batch_size=size, sync_dist=True)
+        self.log("val/response_length/mean", ro.completion_mask.sum(-1).mean(), batch_size=size, sync_dist=True)
+
+    def rollout_cfg_for_val(self) -> RolloutConfig:
+        """Validation samples ``val_samples`` completions per prompt with the training temperature."""
+        return RolloutConfig(
+            group_size=self.val_samples, max_new_tokens=self.rollout_cfg.max_new_tokens,
+            temperature=self.rollout_cfg.temperature, top_p=self.rollout_cfg.top_p,
+        )  # fmt: skip
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["cappo_objective_weights"] = {o.name: o.weight for o in self.objectives}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.policy is None:
+            self.setup("fit")
+        for obj in self.objectives:
+            obj.weight = checkpoint.get("cappo_objective_weights", {}).get(obj.name, obj.weight)
