@@ -1,0 +1,54 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Small and fast: the CLI tests all use this model/SFT so the SFT cache is shared within a session.
+TINY_ARGS = [
+    "--model.policy.tiny.hidden_size=32",
+    "--model.policy.tiny.num_layers=2",
+    "--model.policy.tiny.num_heads=2",
+    "--model.policy.tiny.intermediate_size=64",
+    "--model.policy.sft.steps=30",
+    "--model.policy.sft.batch_size=32",
+    "--model.policy.sft.eval_samples=2",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+@pytest.fixture(scope="session")
+def sft_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("sft_cache"))
+
+
+@pytest.fixture
+def cli_args(sft_cache, tmp_path):
+    """Common overrides: tiny model, shared SFT cache, logs under tmp_path."""
+
+    def make(config="configs/grpo.yaml", steps=3, extra=()):
+        return [
+            "fit",
+            "--config",
+            os.path.join(ROOT, config),
+            *TINY_ARGS,
+            f"--model.policy.sft.cache_dir={sft_cache}",
+            f"--data.steps_per_epoch={steps}",
+            "--data.prompts_per_step=4",
+            "--model.rollout.group_size=4",
+            "--model.val_samples=2",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+            *extra,
+        ]
+
+    return make
