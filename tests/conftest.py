@@ -21,7 +21,6 @@ TINY_ARGS = [
     "--model.policy.sft.steps=30",
     "--model.policy.sft.batch_size=32",
     "--model.policy.sft.eval_samples=2",
-    "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
 ]
 
