@@ -34,6 +34,7 @@ def grpo_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6, scale_b
 
     Returns:
         (N,) advantages.
+
     """
     g = _groups(rewards.float(), group_size)
     if group_size == 1:
@@ -53,6 +54,7 @@ def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
     Args:
         rewards: (N,) sequence rewards.
         group_size: G >= 2.
+
     """
     if group_size < 2:
         raise ValueError("RLOO needs at least 2 completions per prompt (rollout.group_size >= 2)")
@@ -61,7 +63,9 @@ def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
     return (g - others).reshape(-1)
 
 
-def reinforce_pp_advantages(rewards: Tensor, group_size: int, eps: float = 1e-8, group_baseline: bool = False) -> Tensor:
+def reinforce_pp_advantages(
+    rewards: Tensor, group_size: int, eps: float = 1e-8, group_baseline: bool = False
+) -> Tensor:
     """REINFORCE++ (Hu 2025): batch-normalised returns, ``A_i = (s_i - mean_B(s)) / (std_B(s) + eps)``.
 
     With ``group_baseline=True`` (REINFORCE++-baseline) the group mean is subtracted first and the
@@ -73,6 +77,7 @@ def reinforce_pp_advantages(rewards: Tensor, group_size: int, eps: float = 1e-8,
         group_size: G, used only for the group baseline.
         eps: added to the batch std.
         group_baseline: subtract the group mean before batch normalisation.
+
     """
     s = rewards.float()
     if group_baseline:

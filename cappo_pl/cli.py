@@ -28,7 +28,10 @@ def build_cli(args: list[str] | None = None, run: bool = True):
         def add_arguments_to_parser(self, parser) -> None:
             parser.set_defaults(
                 {
-                    "trainer.logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+                    "trainer.logger": {
+                        "class_path": "lightning.pytorch.loggers.CSVLogger",
+                        "init_args": {"save_dir": "runs"},
+                    },
                     "trainer.log_every_n_steps": 1,
                     "trainer.num_sanity_val_steps": 0,
                 }

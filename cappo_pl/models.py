@@ -122,6 +122,7 @@ def load_pretrained(path: str | Path, dtype: str = "float32") -> tuple[torch.nn.
 
     Raises:
         ConfigError: the folder does not exist or does not hold a loadable model.
+
     """
     folder = Path(path)
     if not (folder / "config.json").is_file():

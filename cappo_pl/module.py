@@ -76,6 +76,7 @@ class RLModule(pl.LightningModule):
         val_samples: completions per held-out prompt in validation.
         monitor_kl: load the reference to log ``train/policy/kl_ref`` even when no objective needs it.
         seed: seed of sampling and mini-batch order (combined with the step index and rank).
+
     """
 
     def __init__(
@@ -161,7 +162,9 @@ class RLModule(pl.LightningModule):
 
     def configure_optimizers(self):
         o = self.optim
-        opt = torch.optim.AdamW(self.policy.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2))
+        opt = torch.optim.AdamW(
+            self.policy.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2)
+        )
         warm = max(1, o.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -24,6 +24,7 @@ class Objective:
         weight: the term's weight w_k in the update ``sum_k w_k grad L_k``.
         needs_ref: the reference model must be loaded and scored.
         needs_old_entropy: per-token entropy of pi_old must be recomputed at step start.
+
     """
 
     needs_ref: bool = False
@@ -44,6 +45,7 @@ class PolicyObjective(Objective):
         loss: the surrogate (PPO-clip by default).
         weight: weight of the term.
         name: metric/controller name.
+
     """
 
     def __init__(self, loss: PolicyLoss | None = None, weight: float = 1.0, name: str = "policy") -> None:
@@ -64,6 +66,7 @@ class EntropyBonus(Objective):
         weight: entropy coefficient.
         agg: aggregation mode (verl uses the policy loss's mode; TRL always token-mean).
         name: metric/controller name.
+
     """
 
     def __init__(self, weight: float = 0.001, agg: AggMode = "token-mean", name: str = "entropy") -> None:
@@ -85,11 +88,14 @@ class KLPenalty(Objective):
         estimator: k1, k2, k3 or a straight-through ``+`` variant.
         agg: aggregation mode.
         name: metric/controller name.
+
     """
 
     needs_ref = True
 
-    def __init__(self, weight: float = 0.001, estimator: KLEstimator = "k3", agg: AggMode = "token-mean", name: str = "kl") -> None:
+    def __init__(
+        self, weight: float = 0.001, estimator: KLEstimator = "k3", agg: AggMode = "token-mean", name: str = "kl"
+    ) -> None:
         super().__init__(name, weight)
         self.estimator = estimator
         self.agg = agg

@@ -46,6 +46,7 @@ class Rollout:
         truncated: (N,) no EOS within max_new_tokens.
         topk_ids: (N, T, K) or None.
         topk_logp: (N, T, K) or None.
+
     """
 
     prompt_ids: Tensor
@@ -113,6 +114,7 @@ def sample(
 
     Returns:
         A ``Rollout`` with N = B x G rows.
+
     """
     was_training = model.training
     model.eval()

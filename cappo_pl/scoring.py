@@ -26,6 +26,7 @@ def logprobs_and_entropy(logits: Tensor, targets: Tensor, temperature: float = 1
 
     Returns:
         ``(logp, entropy)``, each shaped like ``targets``, float32.
+
     """
     z = logits.float() / temperature
     logz = torch.logsumexp(z, dim=-1)
@@ -74,9 +75,13 @@ def score_completions(
 
     Returns:
         ``Scores`` with logp and entropy (B, T) for completion tokens (garbage on padding: mask it).
+
     """
     out = model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask), use_cache=False
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
     )
     hidden = out.last_hidden_state[:, -completion_len - 1 : -1]  # position t predicts token t + 1
     targets = input_ids[:, -completion_len:]

@@ -57,14 +57,18 @@ def _collate(batch: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Ten
 
 
 @torch.no_grad()
-def sampled_accuracy(model, tokenizer, records: list[Record], reward: RewardFn, samples: int, seed: int = 0, max_new_tokens: int = 16) -> float:
+def sampled_accuracy(
+    model, tokenizer, records: list[Record], reward: RewardFn, samples: int, seed: int = 0, max_new_tokens: int = 16
+) -> float:
     """Mean reward of ``samples`` completions per prompt at temperature 1 (the RL start policy)."""
     if not records:
         return float("nan")
     enc = tokenizer([r.prompt for r in records], padding=True, padding_side="left", return_tensors="pt")
     cfg = RolloutConfig(group_size=samples, max_new_tokens=max_new_tokens)
     gen = torch.Generator().manual_seed(seed)
-    ro = sample(model, enc["input_ids"], enc["attention_mask"], cfg, tokenizer.eos_token_id, tokenizer.pad_token_id, gen)
+    ro = sample(
+        model, enc["input_ids"], enc["attention_mask"], cfg, tokenizer.eos_token_id, tokenizer.pad_token_id, gen
+    )
     texts = tokenizer.batch_decode(ro.completion_ids, skip_special_tokens=True)
     prompts = [r.prompt for r in records for _ in range(samples)]
     fields = {"answer": [r.answer for r in records for _ in range(samples)]}
@@ -115,9 +119,12 @@ def ensure_sft_checkpoint(
     folder = Path(sft.cache_dir) / sft_cache_key(tiny, sft, train)
     if (folder / "sft_metrics.json").is_file():
         metrics = json.loads((folder / "sft_metrics.json").read_text())
-        log(f"[sft] cached checkpoint {folder} (train accuracy {metrics['train_accuracy']:.3f}, val {metrics['val_accuracy']:.3f})")
+        log(
+            f"[sft] cached checkpoint {folder} "
+            f"(train accuracy {metrics['train_accuracy']:.3f}, val {metrics['val_accuracy']:.3f})"
+        )
         return folder
-    log(f"[sft] training the built-in model on {sum(len(r.references) for r in train)} reference completions -> {folder}")
+    log(f"[sft] training the built-in model on {sum(len(r.references) for r in train)} references -> {folder}")
     torch.manual_seed(sft.seed)
     model, tokenizer = train_sft(tiny, sft, train, log)
     metrics = {
@@ -134,5 +141,8 @@ def ensure_sft_checkpoint(
         shutil.rmtree(tmp)
     else:
         tmp.rename(folder)
-    log(f"[sft] SFT policy accuracy: train {metrics['train_accuracy']:.3f}, val {metrics['val_accuracy']:.3f} ({sft.eval_samples} samples/prompt, T=1)")
+    log(
+        f"[sft] SFT policy accuracy: train {metrics['train_accuracy']:.3f}, val {metrics['val_accuracy']:.3f} "
+        f"({sft.eval_samples} samples/prompt, T=1)"
+    )
     return folder

@@ -3,7 +3,7 @@ import statistics
 import pytest
 import torch
 
-from cappo_pl.advantages import DrGRPO, GRPO, RLOO, ReinforcePlusPlus, zero_std_group_fraction
+from cappo_pl.advantages import GRPO, RLOO, DrGRPO, ReinforcePlusPlus, zero_std_group_fraction
 
 R = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.5, 0.25, 0.0]
 
@@ -55,7 +55,9 @@ def test_reinforce_pp_batch_normalised(baseline):
         xs = [x - statistics.mean(grp) for grp in groups(R, 4) for x in grp]
     m, s = statistics.mean(xs), statistics.stdev(xs)
     want = [(x - m) / (s + 1e-8) for x in xs]
-    assert ReinforcePlusPlus(group_baseline=baseline)(torch.tensor(R), 4).tolist() == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert ReinforcePlusPlus(group_baseline=baseline)(torch.tensor(R), 4).tolist() == pytest.approx(
+        want, rel=1e-5, abs=1e-6
+    )
 
 
 def test_bad_group_size():

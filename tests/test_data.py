@@ -12,11 +12,7 @@ from cappo_pl.rewards import parse_sum, sum_reward
 
 def test_compositions_brute_force():
     for n, k in [(5, 2), (7, 3), (6, 4)]:
-        brute = {
-            t
-            for t in __import__("itertools").product(range(1, n + 1), repeat=k)
-            if sum(t) == n
-        }
+        brute = {t for t in __import__("itertools").product(range(1, n + 1), repeat=k) if sum(t) == n}
         assert sorted(compositions(n, k)) == sorted(brute)
 
 
@@ -79,7 +75,9 @@ def test_reader_errors_name_file_line_and_field(case, tmp_path):
 def test_cli_bad_data_exits_nonzero_with_one_line(case, tmp_path, capsys, cli_args):
     lines, where, what = BAD_CASES[case]
     path = _write(tmp_path / "train.jsonl", lines)
-    args = cli_args(extra=["--data.task=cappo_pl.data.FileTask", f"--data.task.train_file={path}", "--data.prompts_per_step=1"])
+    args = cli_args(
+        extra=["--data.task=cappo_pl.data.FileTask", f"--data.task.train_file={path}", "--data.prompts_per_step=1"]
+    )
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 2
@@ -90,7 +88,9 @@ def test_cli_bad_data_exits_nonzero_with_one_line(case, tmp_path, capsys, cli_ar
 
 def test_parquet_reader(tmp_path):
     ok = tmp_path / "ok.parquet"
-    pq.write_table(pa.table({"prompt": ["a=", "b="], "references": [["1"], ["2", "3"]], "answer": ["1", "2"], "k": [1, 2]}), ok)
+    pq.write_table(
+        pa.table({"prompt": ["a=", "b="], "references": [["1"], ["2", "3"]], "answer": ["1", "2"], "k": [1, 2]}), ok
+    )
     recs = read_records(ok)
     assert [r.prompt for r in recs] == ["a=", "b="] and recs[1].references == ["2", "3"] and recs[1].extra == {"k": 2}
     bad = tmp_path / "bad.parquet"

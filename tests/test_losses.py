@@ -71,8 +71,12 @@ def test_ppo_clip_values_and_gradients(eps_low, eps_high, c):
         want = 0.0 if (clipped or dual) else -a * r
         assert logp.grad[0, i].item() == pytest.approx(want, abs=1e-9), (d, a)
     n = len(CASES)
-    assert metrics["clipfrac_high"].item() == pytest.approx(sum(a > 0 and math.exp(d) > 1 + eps_high for d, a in CASES) / n)
-    assert metrics["clipfrac_low"].item() == pytest.approx(sum(a < 0 and math.exp(d) < 1 - eps_low for d, a in CASES) / n)
+    assert metrics["clipfrac_high"].item() == pytest.approx(
+        sum(a > 0 and math.exp(d) > 1 + eps_high for d, a in CASES) / n
+    )
+    assert metrics["clipfrac_low"].item() == pytest.approx(
+        sum(a < 0 and math.exp(d) < 1 - eps_low for d, a in CASES) / n
+    )
 
 
 def test_ppo_masked_tokens_do_not_contribute():
@@ -90,7 +94,9 @@ def test_kl_estimators_match_formulas(est):
     logp = torch.tensor([-1.0, -2.0, -0.3, -4.0])
     ref = torch.tensor([-1.5, -1.0, -0.3, -0.5])
     d = (ref - logp).tolist()
-    want = {"k1": [-x for x in d], "k2": [0.5 * x * x for x in d], "k3": [min(math.exp(x) - x - 1, 10.0) for x in d]}[est]  # verl clamps k3 to [-10, 10]
+    want = {"k1": [-x for x in d], "k2": [0.5 * x * x for x in d], "k3": [min(math.exp(x) - x - 1, 10.0) for x in d]}[
+        est
+    ]  # verl clamps k3 to [-10, 10]
     assert kl_penalty(logp, ref, est).tolist() == pytest.approx(want, rel=1e-6)
 
 

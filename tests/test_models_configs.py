@@ -29,7 +29,9 @@ def test_every_config_parses_instantiates_and_states_its_command(path, tmp_path)
 
 def test_save_pretrained_round_trip_through_real_loader(tmp_path):
     tok = build_char_tokenizer()
-    model = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), tok).eval()
+    model = build_tiny_model(
+        TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), tok
+    ).eval()
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     loaded, tok2 = load_pretrained(tmp_path)
@@ -43,7 +45,9 @@ def test_gpt2_folder_loads_and_gets_pad_token(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok = build_char_tokenizer()
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)).save_pretrained(tmp_path)
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    ).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     model, t = load_pretrained(tmp_path)
     assert t.pad_token_id is not None and model.config.model_type == "gpt2"

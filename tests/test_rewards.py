@@ -16,7 +16,15 @@ def test_resolve_module_and_file(tmp_path):
     assert fn(["a", "b"], ["xy", "z"]) == [2.0, 1.0]
 
 
-@pytest.mark.parametrize("spec,match", [("nomodule_xyz:f", "cannot import"), ("cappo_pl.rewards:nope", "not a callable"), ("x.py:f", "not found"), ("plain", "expected")])
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ("nomodule_xyz:f", "cannot import"),
+        ("cappo_pl.rewards:nope", "not a callable"),
+        ("x.py:f", "not found"),
+        ("plain", "expected"),
+    ],
+)
 def test_resolve_errors(spec, match):
     with pytest.raises(RewardError, match=match):
         resolve_reward(spec)
@@ -36,5 +44,7 @@ def test_call_reward_errors_name_function_and_sample():
 
 
 def test_call_reward_skip_and_tensor():
-    r, valid = call_reward(lambda p, c, **k: torch.tensor([1.0, math.inf, 0.5]), ["a"] * 3, ["b"] * 3, {}, on_error="skip")
+    r, valid = call_reward(
+        lambda p, c, **k: torch.tensor([1.0, math.inf, 0.5]), ["a"] * 3, ["b"] * 3, {}, on_error="skip"
+    )
     assert valid.tolist() == [True, False, True] and r.tolist() == [1.0, 0.0, 0.5]

@@ -38,7 +38,9 @@ def test_chunked_scores_equal_full_logits_and_sampler(tiny, temp):
     model, tok = tiny
     ro = _rollout(model, tok, temperature=temp)
     T = ro.completion_ids.shape[1]
-    full = model(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=position_ids_from_mask(ro.attention_mask)).logits
+    full = model(
+        input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=position_ids_from_mask(ro.attention_mask)
+    ).logits
     want_lp, want_h = logprobs_and_entropy(full[:, -T - 1 : -1], ro.completion_ids, temp)
     for chunk in (1, 7, 4096):
         s = score_completions(model, ro.input_ids, ro.attention_mask, T, temp, chunk_tokens=chunk)
@@ -66,7 +68,9 @@ def test_rollout_masks_after_eos_and_truncation(tiny):
     model, tok = tiny
     # Force EOS to be very likely by biasing the output layer.
     with torch.no_grad():
-        bias_model = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), tok)
+        bias_model = build_tiny_model(
+            TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), tok
+        )
         bias_model.lm_head.weight.zero_()
         bias_model.model.embed_tokens.weight.zero_()
     ro = _rollout(bias_model, tok)  # uniform distribution: EOS appears at random

@@ -49,8 +49,15 @@ def test_fit_logs_metrics_and_resume_is_exact(run, tmp_path):
     full = run("full", steps=4)
     rows = [r for r in _rows(full) if r.get("train/reward/mean")]
     assert [float(r["train/rl_step"]) for r in rows] == [0.0, 1.0, 2.0, 3.0]
-    for key in ("train/policy/entropy", "train/policy/kl_ref", "train/policy/clipfrac_low", "train/response_length/mean",
-                "train/zero_std_groups", "train/lr", "train/objective/kl/weight"):
+    for key in (
+        "train/policy/entropy",
+        "train/policy/kl_ref",
+        "train/policy/clipfrac_low",
+        "train/response_length/mean",
+        "train/zero_std_groups",
+        "train/lr",
+        "train/objective/kl/weight",
+    ):
         assert key in rows[0], key
     assert any(r.get("val/accuracy") for r in _rows(full))
     assert os.path.exists(os.path.join(full, "summary.json")) and os.path.exists(os.path.join(full, "samples.jsonl"))
@@ -78,7 +85,9 @@ def test_quickstart_notebook_executes(run, tmp_path):
     nb = nbformat.read(os.path.join(ROOT, "notebooks", "quickstart.ipynb"), as_version=4)
     os.environ["CAPPO_RUN_DIR"] = log_dir
     try:
-        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+        NotebookClient(
+            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
     finally:
         del os.environ["CAPPO_RUN_DIR"]
     assert os.path.exists(os.path.join(log_dir, "quickstart.png"))

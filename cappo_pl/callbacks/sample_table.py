@@ -19,6 +19,7 @@ class SampleTable(pl.Callback):
     Args:
         every_n_steps: RL steps between tables (0: never).
         console: also print to the console.
+
     """
 
     def __init__(self, every_n_steps: int = 25, console: bool = True) -> None:
@@ -46,7 +47,9 @@ class SampleTable(pl.Callback):
                     for r in rows:
                         f.write(json.dumps({"rl_step": batch.index, **r}) + "\n")
             if hasattr(logger, "log_table"):  # WandbLogger
-                logger.log_table("samples", columns=list(rows[0]), data=[list(r.values()) for r in rows], step=trainer.global_step)
+                logger.log_table(
+                    "samples", columns=list(rows[0]), data=[list(r.values()) for r in rows], step=trainer.global_step
+                )
             exp = getattr(logger, "experiment", None)
             if hasattr(exp, "add_text"):  # TensorBoard
                 text = "\n".join(f"| {r['prompt']} | {r['completion']} | {r['reward']:.3f} |" for r in rows)

@@ -28,6 +28,7 @@ class RunSummary(pl.Callback):
 
     Args:
         window: RL steps averaged at the start and at the end.
+
     """
 
     def __init__(self, window: int = 10) -> None:

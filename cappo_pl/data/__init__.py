@@ -5,4 +5,14 @@ from cappo_pl.data.readers import read_records
 from cappo_pl.data.records import PromptBatch, Record
 from cappo_pl.data.tasks import FileTask, SumTask, Task, compositions
 
-__all__ = ["FileTask", "PromptBatch", "PromptStream", "RLDataModule", "Record", "SumTask", "Task", "compositions", "read_records"]
+__all__ = [
+    "FileTask",
+    "PromptBatch",
+    "PromptStream",
+    "RLDataModule",
+    "Record",
+    "SumTask",
+    "Task",
+    "compositions",
+    "read_records",
+]

@@ -81,6 +81,7 @@ class RLDataModule(pl.LightningDataModule):
         val_batch_size: prompts per validation batch.
         max_prompt_tokens: a longer prompt is an error naming its file:line.
         seed: seed of the training order.
+
     """
 
     def __init__(
@@ -125,7 +126,9 @@ class RLDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> PromptStream:
         if self._stream is None:
-            self._stream = PromptStream(self.checked_records("train"), self.prompts_per_step, self.steps_per_epoch, self.seed)
+            self._stream = PromptStream(
+                self.checked_records("train"), self.prompts_per_step, self.steps_per_epoch, self.seed
+            )
         return self._stream
 
     def val_dataloader(self) -> FixedBatches:

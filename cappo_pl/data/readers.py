@@ -86,6 +86,7 @@ def read_records(path: str | Path) -> list[Record]:
 
     Raises:
         DataError: one line naming file:line and the field at fault.
+
     """
     p = Path(path)
     if not p.is_file():
@@ -104,4 +105,6 @@ def check_prompt_lengths(records: list[Record], count_tokens: Callable[[str], in
     for rec in records:
         n = count_tokens(rec.prompt)
         if n > limit:
-            raise DataError(f"{rec.source}: field 'prompt' has {n} tokens, more than the limit {limit} (data.max_prompt_tokens)")
+            raise DataError(
+                f"{rec.source}: field 'prompt' has {n} tokens, more than the limit {limit} (data.max_prompt_tokens)"
+            )

@@ -16,6 +16,7 @@ class Record:
         answer: the ground truth a reward function may compare against (optional).
         extra: any other fields, passed to the reward function as keyword lists.
         source: ``file:line`` (or ``builtin:<task>#i``) for error messages.
+
     """
 
     prompt: str

@@ -54,6 +54,7 @@ class SumTask(Task):
         references_per_prompt: SFT reference completions per prompt (>= 8 recommended).
         val_every: every val_every-th N goes to validation.
         seed: seed of the reference draw.
+
     """
 
     def __init__(
@@ -105,9 +106,15 @@ class FileTask(Task):
         train_file: .jsonl or .parquet with training prompts.
         val_file: held-out prompts (optional; without it validation is skipped).
         reward: ``RewardFunction`` (class_path), ``"module:function"`` or ``"path/file.py:function"``.
+
     """
 
-    def __init__(self, train_file: str, val_file: str | None = None, reward: RewardFunction | str = "cappo_pl.rewards:exact_match") -> None:
+    def __init__(
+        self,
+        train_file: str,
+        val_file: str | None = None,
+        reward: RewardFunction | str = "cappo_pl.rewards:exact_match",
+    ) -> None:
         self.train_file, self.val_file, self.reward = train_file, val_file, reward
         self._cache: dict[str, list[Record]] = {}
 

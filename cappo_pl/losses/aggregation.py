@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from torch import Tensor
 
 AggMode = Literal["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
@@ -21,7 +20,9 @@ AGG_MODES: tuple[str, ...] = (
 )
 
 
-def agg_loss(loss_mat: Tensor, mask: Tensor, mode: AggMode = "token-mean", loss_scale_factor: float | None = None) -> Tensor:
+def agg_loss(
+    loss_mat: Tensor, mask: Tensor, mode: AggMode = "token-mean", loss_scale_factor: float | None = None
+) -> Tensor:
     """Aggregate per-token losses into a scalar.
 
     Formulas (``l`` the loss matrix, ``m`` the 0/1 mask, B sequences, T positions):
@@ -42,6 +43,7 @@ def agg_loss(loss_mat: Tensor, mask: Tensor, mode: AggMode = "token-mean", loss_
 
     Returns:
         A scalar tensor. An all-masked input gives 0 (with a gradient path), never NaN.
+
     """
     mask = mask.to(loss_mat.dtype)
     masked = loss_mat * mask

@@ -24,6 +24,7 @@ class TokenBatch:
         ref_logp: log pi_ref(a_t) (None when no objective needs the reference).
         rewards: (B,) sequence rewards.
         correct: (B,) bool, the sample counted as a success (reward >= the success threshold).
+
     """
 
     logp: Tensor

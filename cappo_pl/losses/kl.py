@@ -47,6 +47,7 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: KLEstimator = "k3") ->
         logp: policy token logprobs (B, T), with gradient.
         ref_logp: reference token logprobs (B, T), no gradient needed.
         estimator: one of k1, k2, k3, k1+, k2+, k3+.
+
     """
     straight_through = estimator.endswith("+")
     base = estimator.rstrip("+")

@@ -40,6 +40,7 @@ def ppo_clip_loss(
     Returns:
         ``(loss, metrics)`` with ``clipfrac`` (L2 > L1), ``clipfrac_low`` (A < 0 and r < 1 - eps_low),
         ``clipfrac_high`` (A > 0 and r > 1 + eps_high), ``clipfrac_dual`` and ``ppo_kl`` (mean of -log r).
+
     """
     log_ratio = (logp - old_logp).clamp(-20.0, 20.0)
     ratio = torch.exp(log_ratio)
@@ -75,6 +76,7 @@ class PPOClip(PolicyLoss):
         clip_ratio_c: dual-clip constant (> 1) or None.
         agg: loss aggregation mode.
         loss_scale_factor: L of ``seq-mean-token-sum-norm`` (None: padded length).
+
     """
 
     def __init__(

@@ -36,6 +36,7 @@ def resolve_reward(spec: RewardFunction | RewardFn | str) -> RewardFn:
 
     Raises:
         RewardError: the module, file or attribute cannot be found.
+
     """
     if callable(spec):
         return spec
@@ -87,13 +88,16 @@ def call_reward(
 
     Raises:
         RewardError: naming the function and the offending sample.
+
     """
     name = reward_name(fn)
     n = len(completions)
     try:
         out = fn(prompts, completions, **fields)
     except Exception as err:
-        raise RewardError(f"reward function {name} raised {type(err).__name__}: {err} (batch of {n}, first prompt {prompts[0]!r})") from err
+        raise RewardError(
+            f"reward function {name} raised {type(err).__name__}: {err} (batch of {n}, first prompt {prompts[0]!r})"
+        ) from err
     values = out.detach().cpu().flatten().tolist() if isinstance(out, torch.Tensor) else out
     try:
         values = [float(v) for v in values]
@@ -106,7 +110,8 @@ def call_reward(
         if not math.isfinite(v):
             if on_error != "skip":
                 raise RewardError(
-                    f"reward function {name} returned {v} for sample {i} (prompt {prompts[i]!r}, completion {completions[i]!r})"
+                    f"reward function {name} returned {v} for sample {i} "
+                    f"(prompt {prompts[i]!r}, completion {completions[i]!r})"
                 )
             valid[i] = False
     rewards = torch.tensor([v if math.isfinite(v) else 0.0 for v in values], dtype=torch.float32)

@@ -16,7 +16,9 @@ def parse_sum(text: str) -> list[int] | None:
     return [int(t) for t in _TERM.findall(text)]
 
 
-def sum_reward(prompts: list[str], completions: list[str], target: list[int], n_terms: list[int], **_: Any) -> list[float]:
+def sum_reward(
+    prompts: list[str], completions: list[str], target: list[int], n_terms: list[int], **_: Any
+) -> list[float]:
     """1.0 when the completion is ``n_terms`` positive integers that add up to ``target``, else 0.0."""
     out = []
     for comp, tgt, k in zip(completions, target, n_terms, strict=True):

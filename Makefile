@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` and `make test`. Each creates .venv when missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export WANDB_MODE := offline
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv demo test lint bench
+
+$(VENV)/.installed: requirements-lock.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# Plain pip with the machine's config: torch==2.13.0 resolves to the CPU wheel on disk.
+	$(VENV)/bin/pip install -q -r requirements-lock.txt
+	$(VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) cli.py fit --config configs/grpo.yaml
+
+lint: venv
+	$(VENV)/bin/ruff check cappo_pl cli.py tests bench
+
+test: venv lint
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) bench/step.py
