@@ -93,3 +93,16 @@ def test_quickstart_notebook_executes(run, tmp_path):
     assert os.path.exists(os.path.join(log_dir, "quickstart.png"))
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "train/reward/mean" in outputs
+
+
+@pytest.mark.parametrize("config", ["grpo.yaml", "ppo.yaml"])
+def test_every_config_trains_two_steps(config, cli_args, tmp_path):
+    args = cli_args(config=f"configs/{config}", steps=2, extra=["--trainer.logger.init_args.name=smoke"])
+    main(args)
+    (log_dir,) = glob.glob(str(tmp_path / "runs" / "smoke" / "version_*"))
+    rows = [r for r in _rows(log_dir) if r.get("train/reward/mean")]
+    assert len(rows) == 2
+    cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", config)))["model"]["ppo"]
+    (ckpt,) = glob.glob(os.path.join(log_dir, "checkpoints", "last.ckpt"))
+    # One optimizer step per (epoch x mini-batch) of each RL step.
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 2 * cfg["epochs"] * cfg["minibatches"]
