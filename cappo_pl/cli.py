@@ -50,14 +50,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
 def _sft(args: list[str]) -> None:
     """``cappo-pl sft --config X.yaml``: train (or find cached) the SFT warm start of X's policy."""
     cli = build_cli(args, run=False)
-    module, dm = cli.model, cli.datamodule
-    import lightning.pytorch as pl
-
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.connect(module)
-    trainer._data_connector.attach_datamodule(module, datamodule=dm)
-    dm.trainer = trainer
-    module.prepare_sft()
+    cli.model.prepare_sft(cli.datamodule)
 
 
 def main(argv: list[str] | None = None) -> None:

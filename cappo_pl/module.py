@@ -115,19 +115,17 @@ class RLModule(pl.LightningModule):
             return load_pretrained(self.policy_cfg.path, self.policy_cfg.dtype)[1]
         return build_char_tokenizer()
 
-    def _records(self) -> tuple[list[Record], list[Record]]:
-        dm = self.trainer.datamodule
+    def _records(self, dm=None) -> tuple[list[Record], list[Record]]:
+        dm = dm if dm is not None else self.trainer.datamodule
         return dm.checked_records("train"), dm.checked_records("val")
 
-    def _reward_fn(self):
-        return self.trainer.datamodule.task.reward_fn()
-
-    def prepare_sft(self) -> None:
-        """Train (or find cached) the SFT warm start of the built-in model."""
+    def prepare_sft(self, datamodule=None) -> None:
+        """Train (or find cached) the SFT warm start of the built-in model on the data's references."""
         cfg = self.policy_cfg
         if cfg.path is None and cfg.sft is not None:
-            train, val = self._records()
-            ensure_sft_checkpoint(cfg.tiny, cfg.sft, train, val, self._reward_fn(), log=self.print)
+            dm = datamodule if datamodule is not None else self.trainer.datamodule
+            train, val = self._records(dm)
+            ensure_sft_checkpoint(cfg.tiny, cfg.sft, train, val, dm.task.reward_fn(), log=print)
 
     def prepare_data(self) -> None:
         self.prepare_sft()
@@ -145,7 +143,7 @@ class RLModule(pl.LightningModule):
             self.policy = build_tiny_model(cfg.tiny, self.tokenizer)
         if self.needs_ref:
             self._reference = [freeze(copy.deepcopy(self.policy))]
-        self.reward_fn = self._reward_fn()
+        self.reward_fn = self.trainer.datamodule.task.reward_fn()
 
     @property
     def reference(self) -> torch.nn.Module | None:

@@ -106,3 +106,17 @@ def test_every_config_trains_two_steps(config, cli_args, tmp_path):
     (ckpt,) = glob.glob(os.path.join(log_dir, "checkpoints", "last.ckpt"))
     # One optimizer step per (epoch x mini-batch) of each RL step.
     assert torch.load(ckpt, weights_only=False)["global_step"] == 2 * cfg["epochs"] * cfg["minibatches"]
+
+
+def test_sft_subcommand_trains_once_then_hits_cache(tmp_path, capsys):
+    from conftest import TINY_ARGS
+
+    args = ["sft", "--config", os.path.join(ROOT, "configs", "grpo.yaml"), *TINY_ARGS]
+    args += [f"--model.policy.sft.cache_dir={tmp_path}", "--model.policy.sft.steps=5"]
+    main(args)
+    first = capsys.readouterr().out
+    main(args)
+    second = capsys.readouterr().out
+    assert "SFT policy accuracy" in first and "cached checkpoint" in second
+    (folder,) = glob.glob(str(tmp_path / "*"))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "sft_metrics.json"} <= set(os.listdir(folder))
