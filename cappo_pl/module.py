@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from cappo_pl.advantages import GRPO, AdvantageEstimator, zero_std_group_fraction
-from cappo_pl.data.records import PromptBatch, Record
+from cappo_pl.data.records import PromptBatch, Record, reward_fields
 from cappo_pl.losses.aggregation import masked_mean
 from cappo_pl.losses.base import TokenBatch
 from cappo_pl.losses.kl import kl_penalty
@@ -183,9 +183,7 @@ class RLModule(pl.LightningModule):
 
     def _rewards(self, records: list[Record], texts: list[str], group: int) -> tuple[Tensor, Tensor]:
         prompts = [r.prompt for r in records for _ in range(group)]
-        fields: dict[str, list[Any]] = {"answer": [r.answer for r in records for _ in range(group)]}
-        for key in {k for r in records for k in r.extra}:
-            fields[key] = [r.extra.get(key) for r in records for _ in range(group)]
+        fields = reward_fields(records, group)
         rewards, valid = call_reward(self.reward_fn, prompts, texts, fields, self.ppo.reward_on_error)
         return rewards.to(self.device), valid.to(self.device)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from cappo_pl.data.records import Record
+from cappo_pl.data.records import Record, reward_fields
 from cappo_pl.models import SFTConfig, TinyModelConfig, build_char_tokenizer, build_tiny_model
 from cappo_pl.rewards.base import RewardFn, call_reward
 from cappo_pl.rollout import RolloutConfig, sample
@@ -71,10 +71,7 @@ def sampled_accuracy(
     )
     texts = tokenizer.batch_decode(ro.completion_ids, skip_special_tokens=True)
     prompts = [r.prompt for r in records for _ in range(samples)]
-    fields = {"answer": [r.answer for r in records for _ in range(samples)]}
-    for key in records[0].extra:
-        fields[key] = [r.extra.get(key) for r in records for _ in range(samples)]
-    rewards, _ = call_reward(reward, prompts, texts, fields)
+    rewards, _ = call_reward(reward, prompts, texts, reward_fields(records, samples))
     return float(rewards.mean())
 
 

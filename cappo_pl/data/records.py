@@ -35,3 +35,11 @@ class PromptBatch:
 
     def __len__(self) -> int:
         return len(self.records)
+
+
+def reward_fields(records: list[Record], group: int) -> dict[str, list[Any]]:
+    """Per-sample keyword lists for the reward: ``answer`` and every extra field, each repeated G times."""
+    fields: dict[str, list[Any]] = {"answer": [r.answer for r in records for _ in range(group)]}
+    for key in sorted({k for r in records for k in r.extra}):
+        fields[key] = [r.extra.get(key) for r in records for _ in range(group)]
+    return fields
