@@ -154,10 +154,6 @@ class RLModule(pl.LightningModule):
         if self.reference is not None:
             self.reference.to(self.device)
 
-    def on_train_epoch_start(self) -> None:
-        # Dropout off (as verl): the ratio pi/pi_old must compare the same function.
-        self.policy.eval()
-
     def configure_optimizers(self):
         o = self.optim
         opt = torch.optim.AdamW(
@@ -196,6 +192,9 @@ class RLModule(pl.LightningModule):
     # ---------------------------------------------------------------------------- the RL step
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         opt, sched = self.optimizers(), self.lr_schedulers()
+        # Dropout off (as verl): pi/pi_old must compare the same function. Lightning puts the module
+        # back in train mode after every validation, so this is set per step.
+        self.policy.eval()
         cfg, group = self.rollout_cfg, self.rollout_cfg.group_size
         t0 = time.perf_counter()
 

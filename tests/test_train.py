@@ -120,3 +120,22 @@ def test_sft_subcommand_trains_once_then_hits_cache(tmp_path, capsys):
     assert "SFT policy accuracy" in first and "cached checkpoint" in second
     (folder,) = glob.glob(str(tmp_path / "*"))
     assert {"config.json", "model.safetensors", "tokenizer.json", "sft_metrics.json"} <= set(os.listdir(folder))
+
+
+@pytest.mark.parametrize(
+    "logger,artifact",
+    [
+        ("lightning.pytorch.loggers.TensorBoardLogger", "events.out.tfevents"),
+        ("lightning.pytorch.loggers.WandbLogger", ".wandb"),
+    ],
+)
+def test_other_loggers_by_config(logger, artifact, cli_args, tmp_path):
+    args = [a for a in cli_args(steps=2) if not a.startswith("--trainer.logger.init_args")]
+    args += [f"--trainer.logger={logger}", f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"]
+    if "Wandb" in logger:
+        args += ["--trainer.logger.init_args.offline=true", "--trainer.logger.init_args.project=cappo-test"]
+    main(args)
+    found = [
+        p for p in glob.glob(str(tmp_path / "logs" / "**" / "*"), recursive=True) if artifact in os.path.basename(p)
+    ]
+    assert found, os.listdir(tmp_path / "logs")
