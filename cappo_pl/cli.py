@@ -19,12 +19,22 @@ def _offline_env() -> None:
 
 def build_cli(args: list[str] | None = None, run: bool = True):
     """Construct the CappoCLI (importing Lightning lazily so ``--help`` errors stay fast)."""
+    from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
     from lightning.pytorch.cli import LightningCLI
 
     from cappo_pl.data.datamodule import RLDataModule
     from cappo_pl.module import RLModule
 
     class CappoCLI(LightningCLI):
+        def instantiate_trainer(self, **kwargs):
+            # A rich progress bar by default, unless one is configured or bars are switched off
+            # (listing it in YAML would make --trainer.enable_progress_bar=false an error).
+            cfg = self._get(self.config_init, "trainer", default={})
+            callbacks = list(cfg.get("callbacks") or [])
+            if cfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+                kwargs["callbacks"] = [*callbacks, RichProgressBar()]
+            return super().instantiate_trainer(**kwargs)
+
         def add_arguments_to_parser(self, parser) -> None:
             parser.set_defaults(
                 {

@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Small and fast: the CLI tests all use this model/SFT so the SFT cache is shared within a session.
 TINY_ARGS = [
+    "--trainer.enable_progress_bar=false",
     "--model.policy.tiny.hidden_size=32",
     "--model.policy.tiny.num_layers=2",
     "--model.policy.tiny.num_heads=2",

@@ -139,3 +139,15 @@ def test_other_loggers_by_config(logger, artifact, cli_args, tmp_path):
         p for p in glob.glob(str(tmp_path / "logs" / "**" / "*"), recursive=True) if artifact in os.path.basename(p)
     ]
     assert found, os.listdir(tmp_path / "logs")
+
+
+def test_rich_progress_bar_by_default(tmp_path):
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from cappo_pl.cli import build_cli
+
+    cfg = os.path.join(ROOT, "configs", "grpo.yaml")
+    on = build_cli(["--config", cfg, f"--trainer.default_root_dir={tmp_path}"], run=False)
+    assert any(isinstance(c, RichProgressBar) for c in on.trainer.callbacks)
+    off = build_cli(["--config", cfg, "--trainer.enable_progress_bar=false"], run=False)
+    assert not any(isinstance(c, RichProgressBar) for c in off.trainer.callbacks)
