@@ -3,6 +3,10 @@
 Samples are laid out group-major: ``rewards[p * G + g]`` is completion g of prompt p. Every
 estimator maps sequence rewards (N,) to sequence advantages (N,); the module broadcasts them over
 tokens. Formulas: shared/reference/algorithms.md sections 1.2 and 1.4.
+
+``valid`` (N,) bool marks samples whose reward counts (a skipped, non-finite reward is invalid):
+statistics are taken over valid samples only and invalid samples get advantage 0, so a skipped
+sample never shifts its group's baseline.
 """
 
 from __future__ import annotations
@@ -11,87 +15,108 @@ import torch
 from torch import Tensor
 
 
-def _groups(rewards: Tensor, group_size: int) -> Tensor:
-    if rewards.ndim != 1:
-        raise ValueError(f"rewards must be 1-D (N,), got shape {tuple(rewards.shape)}")
-    if group_size < 1 or rewards.numel() % group_size:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    return rewards.view(-1, group_size)
+def _groups(x: Tensor, group_size: int) -> Tensor:
+    if x.ndim != 1:
+        raise ValueError(f"rewards must be 1-D (N,), got shape {tuple(x.shape)}")
+    if group_size < 1 or x.numel() % group_size:
+        raise ValueError(f"{x.numel()} rewards do not split into groups of {group_size}")
+    return x.view(-1, group_size)
 
 
-def grpo_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6, scale_by_std: bool = True) -> Tensor:
+def _prepare(rewards: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+    m = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid.bool()
+    return torch.where(m, rewards.float(), torch.zeros_like(rewards, dtype=torch.float32)), m.float()
+
+
+def _masked_mean_std(x: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean and unbiased std of ``x`` over ``m`` along the last dim, and the count."""
+    n = m.sum(-1, keepdim=True)
+    mean = (x * m).sum(-1, keepdim=True) / n.clamp_min(1.0)
+    var = (((x - mean) * m) ** 2).sum(-1, keepdim=True) / (n - 1).clamp_min(1.0)
+    return mean, var.sqrt(), n
+
+
+def grpo_advantages(
+    rewards: Tensor, group_size: int, eps: float = 1e-6, scale_by_std: bool = True, valid: Tensor | None = None
+) -> Tensor:
     """GRPO group-normalised advantage (Shao et al. 2024; verl ``compute_grpo_outcome_advantage``).
 
     ``A_i = (s_i - mean_g(s)) / (std_g(s) + eps)`` with the unbiased std. With ``scale_by_std=False``
-    this is Dr.GRPO's ``A_i = s_i - mean_g(s)`` (Liu et al. 2025). A group of one sample uses mean 0
-    and std 1, as verl does.
+    this is Dr.GRPO's ``A_i = s_i - mean_g(s)`` (Liu et al. 2025). A group with one (valid) sample
+    uses mean 0 and std 1, as verl does.
 
     Args:
         rewards: (N,) sequence rewards, N = prompts * group_size.
         group_size: completions per prompt G.
         eps: added to the std.
         scale_by_std: divide by the group std (GRPO) or not (Dr.GRPO).
+        valid: (N,) bool, samples that count (default all).
 
     Returns:
-        (N,) advantages.
+        (N,) advantages, 0 on invalid samples.
 
     """
-    g = _groups(rewards.float(), group_size)
-    if group_size == 1:
-        mean, std = torch.zeros_like(g), torch.ones_like(g)
-    else:
-        mean = g.mean(-1, keepdim=True)
-        std = g.std(-1, keepdim=True, unbiased=True)
+    s, m = _prepare(rewards, valid)
+    g, gm = _groups(s, group_size), _groups(m, group_size)
+    mean, std, n = _masked_mean_std(g, gm)
+    single = n <= 1
+    mean = torch.where(single, torch.zeros_like(mean), mean)
+    std = torch.where(single, torch.ones_like(std), std)
     adv = g - mean
     if scale_by_std:
         adv = adv / (std + eps)
-    return adv.reshape(-1)
+    return (adv * gm).reshape(-1)
 
 
-def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+def rloo_advantages(rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
     """RLOO leave-one-out baseline (Ahmadian et al. 2024): ``A_i = s_i - mean_{j != i} s_j``.
 
     Args:
         rewards: (N,) sequence rewards.
         group_size: G >= 2.
+        valid: (N,) bool; the mean runs over valid others; a sample with no valid other gets 0.
 
     """
     if group_size < 2:
         raise ValueError("RLOO needs at least 2 completions per prompt (rollout.group_size >= 2)")
-    g = _groups(rewards.float(), group_size)
-    others = (g.sum(-1, keepdim=True) - g) / (group_size - 1)
-    return (g - others).reshape(-1)
+    s, m = _prepare(rewards, valid)
+    g, gm = _groups(s, group_size), _groups(m, group_size)
+    n_others = gm.sum(-1, keepdim=True) - gm
+    others = ((g * gm).sum(-1, keepdim=True) - g * gm) / n_others.clamp_min(1.0)
+    return ((g - others) * gm * (n_others > 0)).reshape(-1)
 
 
 def reinforce_pp_advantages(
-    rewards: Tensor, group_size: int, eps: float = 1e-8, group_baseline: bool = False
+    rewards: Tensor, group_size: int, eps: float = 1e-8, group_baseline: bool = False, valid: Tensor | None = None
 ) -> Tensor:
     """REINFORCE++ (Hu 2025): batch-normalised returns, ``A_i = (s_i - mean_B(s)) / (std_B(s) + eps)``.
 
     With ``group_baseline=True`` (REINFORCE++-baseline) the group mean is subtracted first and the
     result is then normalised over the batch. Normalisation is over sequences (one outcome reward
-    each), with the unbiased std.
+    each, unbiased std); verl whitens over tokens, which weights long responses more.
 
     Args:
         rewards: (N,) sequence rewards.
         group_size: G, used only for the group baseline.
         eps: added to the batch std.
         group_baseline: subtract the group mean before batch normalisation.
+        valid: (N,) bool, samples that count.
 
     """
-    s = rewards.float()
+    s, m = _prepare(rewards, valid)
     if group_baseline:
-        g = _groups(s, group_size)
-        s = (g - g.mean(-1, keepdim=True)).reshape(-1)
-    if s.numel() < 2:
-        return s - s.mean()
-    return (s - s.mean()) / (s.std(unbiased=True) + eps)
+        g, gm = _groups(s, group_size), _groups(m, group_size)
+        s = (g - _masked_mean_std(g, gm)[0]).reshape(-1)
+    mean, std, n = _masked_mean_std(s, m)
+    if n.item() < 2:
+        return (s - mean) * m
+    return (s - mean) / (std + eps) * m
 
 
 class AdvantageEstimator:
-    """Base class: ``estimator(rewards (N,), group_size) -> advantages (N,)``; chosen by class_path."""
+    """Base class: ``estimator(rewards (N,), group_size, valid) -> advantages (N,)``; chosen by class_path."""
 
-    def __call__(self, rewards: Tensor, group_size: int) -> Tensor:
+    def __call__(self, rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
 
@@ -101,22 +126,22 @@ class GRPO(AdvantageEstimator):
     def __init__(self, eps: float = 1e-6) -> None:
         self.eps = eps
 
-    def __call__(self, rewards: Tensor, group_size: int) -> Tensor:
-        return grpo_advantages(rewards, group_size, self.eps, scale_by_std=True)
+    def __call__(self, rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
+        return grpo_advantages(rewards, group_size, self.eps, scale_by_std=True, valid=valid)
 
 
 class DrGRPO(AdvantageEstimator):
     """Group mean baseline, no std scaling (Dr.GRPO; DPPO's default)."""
 
-    def __call__(self, rewards: Tensor, group_size: int) -> Tensor:
-        return grpo_advantages(rewards, group_size, scale_by_std=False)
+    def __call__(self, rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
+        return grpo_advantages(rewards, group_size, scale_by_std=False, valid=valid)
 
 
 class RLOO(AdvantageEstimator):
     """Leave-one-out baseline."""
 
-    def __call__(self, rewards: Tensor, group_size: int) -> Tensor:
-        return rloo_advantages(rewards, group_size)
+    def __call__(self, rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
+        return rloo_advantages(rewards, group_size, valid)
 
 
 class ReinforcePlusPlus(AdvantageEstimator):
@@ -126,11 +151,14 @@ class ReinforcePlusPlus(AdvantageEstimator):
         self.group_baseline = group_baseline
         self.eps = eps
 
-    def __call__(self, rewards: Tensor, group_size: int) -> Tensor:
-        return reinforce_pp_advantages(rewards, group_size, self.eps, self.group_baseline)
+    def __call__(self, rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
+        return reinforce_pp_advantages(rewards, group_size, self.eps, self.group_baseline, valid)
 
 
-def zero_std_group_fraction(rewards: Tensor, group_size: int) -> Tensor:
-    """Fraction of groups whose rewards are all equal (they carry no GRPO signal)."""
-    g = _groups(rewards.float(), group_size)
-    return (g.max(-1).values == g.min(-1).values).float().mean()
+def zero_std_group_fraction(rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
+    """Fraction of groups whose valid rewards are all equal (they carry no GRPO signal)."""
+    s, m = _prepare(rewards, valid)
+    g, gm = _groups(s, group_size), _groups(m, group_size).bool()
+    hi = torch.where(gm, g, torch.full_like(g, -torch.inf)).max(-1).values
+    lo = torch.where(gm, g, torch.full_like(g, torch.inf)).min(-1).values
+    return ((hi <= lo) | ~gm.any(-1)).float().mean()

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from cappo_pl.advantages import GRPO, AdvantageEstimator, zero_std_group_fraction
@@ -25,7 +26,7 @@ from cappo_pl.models import PolicyConfig, build_char_tokenizer, build_tiny_model
 from cappo_pl.objectives import Objective, PolicyObjective
 from cappo_pl.rewards.base import call_reward
 from cappo_pl.rollout import Rollout, RolloutConfig, sample
-from cappo_pl.scoring import score_completions
+from cappo_pl.scoring import check_head_matches_forward, score_completions
 from cappo_pl.sft import ensure_sft_checkpoint, sft_cache_key
 
 
@@ -103,6 +104,11 @@ class RLModule(pl.LightningModule):
         self.ppo = ppo or PPOConfig()
         self.optim = optim or OptimConfig()
         self.val_samples, self.seed = val_samples, seed
+        if self.rollout_cfg.top_p < 1.0:
+            rank_zero_warn(
+                "model.rollout.top_p < 1: the recorded behaviour logprobs are those of the full tempered "
+                "distribution, not of the nucleus the tokens were drawn from"
+            )
         self.needs_ref = monitor_kl or any(o.needs_ref for o in self.objectives)
         self.tokenizer = self._build_tokenizer()
         self.policy: torch.nn.Module | None = None
@@ -141,6 +147,7 @@ class RLModule(pl.LightningModule):
             self.policy, self.tokenizer = load_pretrained(folder, cfg.dtype)
         else:
             self.policy = build_tiny_model(cfg.tiny, self.tokenizer)
+        check_head_matches_forward(self.policy, len(self.tokenizer))
         if self.needs_ref:
             self._reference = [freeze(copy.deepcopy(self.policy))]
         self.reward_fn = self.trainer.datamodule.task.reward_fn()
@@ -210,7 +217,7 @@ class RLModule(pl.LightningModule):
         mask = ro.completion_mask * valid.unsqueeze(-1)
 
         # 4. Advantages per sequence, broadcast over its tokens; skipped samples carry none.
-        adv_seq = self.advantage(rewards, group) * valid
+        adv_seq = self.advantage(rewards, group, valid)
         advantages = adv_seq.unsqueeze(-1).expand_as(mask)
         correct = rewards >= self.ppo.success_threshold
         t2 = time.perf_counter()
@@ -228,6 +235,7 @@ class RLModule(pl.LightningModule):
                     logp=cur.logp, old_logp=old.logp[idx], rollout_logp=sub.rollout_logp, advantages=advantages[idx],
                     mask=mask[idx], entropy=cur.entropy, old_entropy=old.entropy[idx],
                     ref_logp=None if ref_logp is None else ref_logp[idx], rewards=rewards[idx], correct=correct[idx],
+                    loss_scale_factor=float(cfg.max_new_tokens),
                 )  # fmt: skip
                 total, metrics = self._objective_losses(tb)
                 opt.zero_grad(set_to_none=True)
@@ -278,7 +286,7 @@ class RLModule(pl.LightningModule):
             "train/response_length/mean": lengths.mean(),
             "train/response_length/max": lengths.max(),
             "train/response_length/truncated_ratio": ro.truncated.float().mean(),
-            "train/zero_std_groups": zero_std_group_fraction(rewards, group),
+            "train/zero_std_groups": zero_std_group_fraction(rewards, group, valid),
             "train/policy/entropy": masked_mean(old.entropy, mask),
             "train/lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
             "train/rl_step": torch.tensor(float(batch.index)),
@@ -300,7 +308,8 @@ class RLModule(pl.LightningModule):
         rewards, valid = self._rewards(batch.records, texts, self.val_samples)
         correct = (rewards >= self.ppo.success_threshold) & valid
         size = rewards.numel()
-        self.log("val/reward/mean", rewards.mean(), batch_size=size, sync_dist=True)
+        mean_reward = rewards[valid].mean() if valid.any() else torch.tensor(float("nan"), device=self.device)
+        self.log("val/reward/mean", mean_reward, batch_size=size, sync_dist=True)
         self.log("val/accuracy", correct.float().mean(), batch_size=size, sync_dist=True)
         self.log("val/response_length/mean", ro.completion_mask.sum(-1).mean(), batch_size=size, sync_dist=True)
 

@@ -76,7 +76,7 @@ class EntropyBonus(Objective):
     def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
         if batch.entropy is None:
             raise RuntimeError("EntropyBonus needs the per-token entropy of the current forward")
-        loss = -agg_loss(batch.entropy, batch.mask, self.agg)
+        loss = -agg_loss(batch.entropy, batch.mask, self.agg, batch.loss_scale_factor)
         return loss, {"entropy": masked_mean(batch.entropy.detach(), batch.mask)}
 
 
@@ -105,4 +105,4 @@ class KLPenalty(Objective):
         if batch.ref_logp is None:
             raise RuntimeError("KLPenalty needs reference logprobs")
         kl = kl_penalty(batch.logp, batch.ref_logp, self.estimator)
-        return agg_loss(kl, batch.mask, self.agg), {"kl": masked_mean(kl.detach(), batch.mask)}
+        return agg_loss(kl, batch.mask, self.agg, batch.loss_scale_factor), {"kl": masked_mean(kl.detach(), batch.mask)}

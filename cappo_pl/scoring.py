@@ -100,3 +100,30 @@ def score_completions(
     logp = torch.cat(logps).view(b, t)
     entropy = torch.cat(ents).view(b, t)
     return Scores(logp, entropy, hidden if return_hidden else None)
+
+
+@torch.no_grad()
+def check_head_matches_forward(model: nn.Module, vocab_size: int, atol: float = 1e-4) -> None:
+    """Raise if ``base_model`` + output embeddings does not reproduce the model's own logits.
+
+    Scoring applies the LM head itself (to chunk it); a model whose forward post-processes logits
+    (soft-capping, a logit scale) would then give logprobs that differ from the sampler's.
+
+    Raises:
+        ConfigError: naming the model class.
+
+    """
+    from cappo_pl.errors import ConfigError
+
+    ids = torch.arange(6, device=next(model.parameters()).device).remainder(vocab_size).view(1, 6)
+    mask = torch.ones_like(ids)
+    was_training = model.training
+    model.eval()
+    full = model(input_ids=ids, attention_mask=mask).logits.float()
+    mine = model.get_output_embeddings()(model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state).float()
+    model.train(was_training)
+    if not torch.allclose(full, mine, atol=atol, rtol=1e-4):
+        raise ConfigError(
+            f"model.policy.path: {type(model).__name__} post-processes its logits (soft-capping or scaling), "
+            "which chunked scoring does not reproduce; this model is not supported yet"
+        )

@@ -63,3 +63,45 @@ def test_reinforce_pp_batch_normalised(baseline):
 def test_bad_group_size():
     with pytest.raises(ValueError, match="groups of 5"):
         GRPO()(torch.tensor(R), 5)
+
+
+VALID = [True, False, True, True, True, True, True, True, True, True, False, False]
+
+
+def test_grpo_skipped_samples_do_not_shift_their_group():
+    r = torch.tensor(R)
+    r_bad = r.clone()
+    r_bad[1] = 123.0  # whatever the invalid value is, it must not matter
+    out = GRPO()(r_bad, 4, torch.tensor(VALID)).tolist()
+    want = []
+    for grp, ok in zip(groups(R, 4), groups(VALID, 4), strict=True):
+        vals = [x for x, v in zip(grp, ok, strict=True) if v]
+        if len(vals) > 1:
+            m, s = statistics.mean(vals), statistics.stdev(vals)
+        else:
+            m, s = 0.0, 1.0  # verl's rule for a single sample
+        want += [(x - m) / (s + 1e-6) if v else 0.0 for x, v in zip(grp, ok, strict=True)]
+    assert out == pytest.approx(want, rel=1e-5, abs=1e-6)
+    # [1, skip, 0, 1]: the skip is left out of mean and std.
+    assert GRPO()(torch.tensor([1.0, 5.0, 1.0, 1.0]), 4, torch.tensor([True, False, True, True])).abs().max() == 0
+
+
+def test_rloo_and_reinforce_pp_with_skips():
+    r, v = torch.tensor(R), torch.tensor(VALID)
+    out = RLOO()(r, 4, v).tolist()
+    want = []
+    for grp, ok in zip(groups(R, 4), groups(VALID, 4), strict=True):
+        for i, (x, good) in enumerate(zip(grp, ok, strict=True)):
+            others = [y for j, (y, o) in enumerate(zip(grp, ok, strict=True)) if o and j != i]
+            want.append(x - sum(others) / len(others) if good and others else 0.0)
+    assert out == pytest.approx(want, abs=1e-6)
+    vals = [x for x, ok in zip(R, VALID, strict=True) if ok]
+    m, s = statistics.mean(vals), statistics.stdev(vals)
+    want = [(x - m) / (s + 1e-8) if ok else 0.0 for x, ok in zip(R, VALID, strict=True)]
+    assert ReinforcePlusPlus()(r, 4, v).tolist() == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_zero_std_fraction_ignores_skipped():
+    r = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    assert zero_std_group_fraction(r, 4, torch.tensor([True, False, True, True])).item() == 1.0
+    assert zero_std_group_fraction(r, 4).item() == 0.0

@@ -138,3 +138,25 @@ def test_entropy_bonus_and_kl_objectives():
     assert loss.item() == pytest.approx(-1.5)
     loss, m = KLPenalty(estimator="k1")(tb)
     assert loss.item() == pytest.approx(1.0)
+
+
+def test_seq_mean_token_sum_norm_divisor_is_constant_across_batch_lengths():
+    from cappo_pl.losses import PPOClip, TokenBatch
+
+    loss = PPOClip(agg="seq-mean-token-sum-norm")
+    for T in (3, 7):  # early-stopped rollouts have different padded lengths
+        z = torch.zeros(2, T)
+        tb = TokenBatch(logp=z, old_logp=z, rollout_logp=z, advantages=-torch.ones(2, T), mask=torch.ones(2, T),
+                        loss_scale_factor=16.0)  # fmt: skip
+        value, _ = loss(tb)
+        assert value.item() == pytest.approx(2 * T / (2 * 16.0))
+
+
+def test_ppo_metrics_clipfrac_dual_and_ppo_kl():
+    d = torch.tensor([[0.5, -0.5, 1.5, 0.0]])
+    a = torch.tensor([[1.0, 1.0, -1.0, 1.0]])
+    _, m = ppo_clip_loss(d, torch.zeros_like(d), a, torch.ones_like(d), 0.2, 0.2, 3.0)
+    # L2 > L1 only for token 0 (A>0, r=1.65 > 1.2); token 2 (A<0, r=4.48) has L1=4.48 > L2=1.2.
+    assert m["clipfrac"].item() == pytest.approx(1 / 4)
+    assert m["clipfrac_dual"].item() == pytest.approx(1 / 4)  # token 2: A<0, r > c = 3
+    assert m["ppo_kl"].item() == pytest.approx(-(0.5 - 0.5 + 1.5 + 0.0) / 4)

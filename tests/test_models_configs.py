@@ -63,3 +63,22 @@ def test_reference_not_loaded_without_kl(tmp_path):
 
     m = RLModule(policy=PolicyConfig(sft=None))
     assert not m.needs_ref
+
+
+def test_logit_postprocessing_models_are_refused():
+    from transformers import LlamaForCausalLM
+
+    from cappo_pl.scoring import check_head_matches_forward
+
+    class Scaled(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2.0
+            return out
+
+    tok = build_char_tokenizer()
+    model = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), tok)
+    check_head_matches_forward(model, len(tok))  # plain Llama passes
+    scaled = Scaled(model.config)
+    with pytest.raises(ConfigError, match="post-processes its logits"):
+        check_head_matches_forward(scaled, len(tok))

@@ -1,4 +1,6 @@
+import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -64,28 +66,74 @@ def test_chunked_gradient_equals_unchunked(tiny):
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
 
 
+class FakeLM(torch.nn.Module):
+    """Next-token logits: 0 everywhere, ``eos_logit`` on EOS; ignores context (no KV state needed)."""
+
+    def __init__(self, vocab: int, eos_id: int, eos_logit: float) -> None:
+        super().__init__()
+        self.vocab, self.eos_id, self.eos_logit = vocab, eos_id, eos_logit
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None, cache=None):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        logits[..., self.eos_id] = self.eos_logit
+        return SimpleNamespace(logits=logits, cache=object())
+
+
 def test_rollout_masks_after_eos_and_truncation(tiny):
-    model, tok = tiny
-    # Force EOS to be very likely by biasing the output layer.
-    with torch.no_grad():
-        bias_model = build_tiny_model(
-            TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), tok
-        )
-        bias_model.lm_head.weight.zero_()
-        bias_model.model.embed_tokens.weight.zero_()
-    ro = _rollout(bias_model, tok)  # uniform distribution: EOS appears at random
-    for row, m in zip(ro.completion_ids.tolist(), ro.completion_mask.tolist(), strict=True):
+    _, tok = tiny
+    V = len(tok)
+    fake = FakeLM(V, tok.eos_token_id, 3.0)
+    enc = tok(["17=", "123=", "5="], padding=True, padding_side="left", return_tensors="pt")
+    cfg = RolloutConfig(group_size=8, max_new_tokens=6)
+    ro = sample(
+        fake,
+        enc["input_ids"],
+        enc["attention_mask"],
+        cfg,
+        tok.eos_token_id,
+        tok.pad_token_id,
+        torch.Generator().manual_seed(0),
+    )
+    rows, masks = ro.completion_ids.tolist(), ro.completion_mask.tolist()
+    n_eos = 0
+    for row, m in zip(rows, masks, strict=True):
         if tok.eos_token_id in row:
+            n_eos += 1
             k = row.index(tok.eos_token_id)
             assert m[: k + 1] == [1.0] * (k + 1) and sum(m[k + 1 :]) == 0
             assert all(t == tok.pad_token_id for t in row[k + 1 :])
         else:
             assert sum(m) == len(row)
-    assert ro.truncated.tolist() == [tok.eos_token_id not in r for r in ro.completion_ids.tolist()]
+    assert 0 < n_eos < len(rows)  # both branches exercised
+    assert ro.truncated.tolist() == [tok.eos_token_id not in r for r in rows]
     assert (ro.rollout_logp * (1 - ro.completion_mask)).abs().sum() == 0
-    # Uniform over V: every sampled token has logprob -log V.
-    V = len(tok)
-    assert torch.allclose(ro.rollout_logp[ro.completion_mask.bool()], torch.tensor(-math.log(V)), atol=1e-5)
+    # Closed form: p(EOS) = e^3 / (e^3 + V - 1), every other token 1 / (e^3 + V - 1).
+    z = math.exp(3.0) + V - 1
+    valid = ro.completion_mask.bool()
+    want = torch.where(
+        ro.completion_ids == tok.eos_token_id, torch.tensor(3.0 - math.log(z)), torch.tensor(-math.log(z))
+    )
+    assert torch.allclose(ro.rollout_logp[valid], want[valid], atol=1e-5)
+
+
+def test_padded_batch_scores_equal_each_row_scored_alone(tiny):
+    model, tok = tiny
+    sharp = copy.deepcopy(model)
+    with torch.no_grad():
+        sharp.lm_head.weight.mul_(8.0)  # tied: embeddings and head scaled; mean entropy ~2.4 nats vs 4.6 uniform
+    ro = _rollout(sharp, tok)
+    T = ro.completion_ids.shape[1]
+    s = score_completions(sharp, ro.input_ids, ro.attention_mask, T, 1.0)
+    # Far from uniform (and not deterministic), so a misaligned or mis-masked score would show.
+    assert s.entropy.mean() < math.log(len(tok)) - 1.0 and s.logp[ro.completion_mask.bool()].std() > 0.3
+    for i in range(ro.input_ids.shape[0]):
+        prompt = ro.prompt_ids[i][ro.prompt_mask[i].bool()]
+        comp = ro.completion_ids[i][ro.completion_mask[i].bool()]
+        ids = torch.cat([prompt, comp]).unsqueeze(0)
+        logits = sharp(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+        alone = torch.log_softmax(logits, -1).gather(-1, comp.unsqueeze(-1)).squeeze(-1)
+        assert torch.allclose(s.logp[i, : len(comp)], alone, atol=1e-4)
+        assert torch.allclose(ro.rollout_logp[i, : len(comp)], alone, atol=1e-4)
 
 
 def test_topk_logprobs_include_sampled_token(tiny):

@@ -106,6 +106,10 @@ def test_every_config_trains_two_steps(config, cli_args, tmp_path):
     (ckpt,) = glob.glob(os.path.join(log_dir, "checkpoints", "last.ckpt"))
     # One optimizer step per (epoch x mini-batch) of each RL step.
     assert torch.load(ckpt, weights_only=False)["global_step"] == 2 * cfg["epochs"] * cfg["minibatches"]
+    if cfg["epochs"] * cfg["minibatches"] == 1:
+        # Wiring: the only update is on-policy, so pi == pi_old (recomputed at step start) and nothing clips.
+        for r in rows:
+            assert abs(float(r["train/policy/ppo_kl"])) < 1e-5 and float(r["train/policy/clipfrac"]) == 0.0
 
 
 def test_sft_subcommand_trains_once_then_hits_cache(tmp_path, capsys):

@@ -37,6 +37,7 @@ class TokenBatch:
     ref_logp: Tensor | None = None
     rewards: Tensor | None = None
     correct: Tensor | None = None
+    loss_scale_factor: float | None = None
 
 
 class PolicyLoss:

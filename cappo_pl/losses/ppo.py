@@ -75,7 +75,7 @@ class PPOClip(PolicyLoss):
         eps_high: upper clip epsilon (DAPO clip-higher uses 0.28).
         clip_ratio_c: dual-clip constant (> 1) or None.
         agg: loss aggregation mode.
-        loss_scale_factor: L of ``seq-mean-token-sum-norm`` (None: padded length).
+        loss_scale_factor: L of ``seq-mean-token-sum-norm`` (None: the batch's, i.e. max_new_tokens).
 
     """
 
@@ -103,5 +103,5 @@ class PPOClip(PolicyLoss):
             self.eps_high,
             self.clip_ratio_c,
             self.agg,
-            self.loss_scale_factor,
+            self.loss_scale_factor if self.loss_scale_factor is not None else batch.loss_scale_factor,
         )
