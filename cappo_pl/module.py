@@ -26,7 +26,7 @@ from cappo_pl.models import PolicyConfig, build_char_tokenizer, build_tiny_model
 from cappo_pl.objectives import Objective, PolicyObjective
 from cappo_pl.rewards.base import call_reward
 from cappo_pl.rollout import Rollout, RolloutConfig, sample
-from cappo_pl.scoring import check_head_matches_forward, score_completions
+from cappo_pl.scoring import Scores, check_head_matches_forward, score_completions
 from cappo_pl.sft import ensure_sft_checkpoint, sft_cache_key
 
 
@@ -209,11 +209,19 @@ class RLModule(pl.LightningModule):
         ro, texts = self._rollout(batch.records, cfg, self._generator(batch.index, 0))
         t1 = time.perf_counter()
 
-        # 2. Rewards (validated), 3. pi_old (+ entropy) and reference scores, no grad.
+        # 2. Rewards (validated), 3. pi_old (+ entropy) and reference scores.
         rewards, valid = self._rewards(batch.records, texts, group)
         with torch.no_grad():
-            old = self._score(self.policy, ro)
             ref_logp = self._score(self.reference, ro).logp if self.reference is not None else None
+        # With one update per step pi_old IS the update's own forward (verl: old = logp.detach()), so the
+        # grad forward is done here once and reused, instead of a second, no-grad pass.
+        on_policy = self.ppo.epochs == 1 and self.ppo.minibatches == 1
+        if on_policy:
+            first = self._score(self.policy, ro)
+            old = Scores(first.logp.detach(), first.entropy.detach())
+        else:
+            with torch.no_grad():
+                old = self._score(self.policy, ro)
         mask = ro.completion_mask * valid.unsqueeze(-1)
 
         # 4. Advantages per sequence, broadcast over its tokens; skipped samples carry none.
@@ -227,10 +235,13 @@ class RLModule(pl.LightningModule):
         update_metrics: list[dict[str, Tensor]] = []
         gen = self._generator(batch.index, 1)
         for _ in range(self.ppo.epochs):
-            perm = torch.randperm(n, generator=gen, device=self.device)
+            # On-policy reuses ``first``, whose rows are in rollout order; otherwise shuffle.
+            perm = torch.arange(n, device=self.device)
+            if not on_policy:
+                perm = torch.randperm(n, generator=gen, device=self.device)
             for idx in perm.chunk(self.ppo.minibatches):
                 sub = ro.select(idx)
-                cur = self._score(self.policy, sub)
+                cur = first if on_policy else self._score(self.policy, sub)
                 tb = TokenBatch(
                     logp=cur.logp, old_logp=old.logp[idx], rollout_logp=sub.rollout_logp, advantages=advantages[idx],
                     mask=mask[idx], entropy=cur.entropy, old_entropy=old.entropy[idx],
