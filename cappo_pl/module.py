@@ -18,7 +18,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from cappo_pl.advantages import GRPO, AdvantageEstimator, zero_std_group_fraction
+from cappo_pl.combiners import Combiner, Scalarized
 from cappo_pl.data.records import PromptBatch, Record, reward_fields
+from cappo_pl.gradients import GradientConfig, check_space, combined_backward, gram_metrics
 from cappo_pl.losses.aggregation import masked_mean
 from cappo_pl.losses.base import TokenBatch
 from cappo_pl.losses.kl import kl_penalty
@@ -70,6 +72,8 @@ class RLModule(pl.LightningModule):
     Args:
         policy: where the policy comes from (local HF folder or the built-in tiny model + SFT).
         objectives: the loss terms (default: one ``PolicyObjective`` with PPO-clip).
+        combiner: how the objectives' gradients become one update (default: the weighted sum).
+        gradients: the space in which gradients are compared (the Gram) and monitoring.
         advantage: the advantage estimator (default GRPO).
         rollout: sampling settings.
         ppo: epochs, mini-batches, clipping.
@@ -84,6 +88,8 @@ class RLModule(pl.LightningModule):
         self,
         policy: PolicyConfig | None = None,
         objectives: list[Objective] | None = None,
+        combiner: Combiner | None = None,
+        gradients: GradientConfig | None = None,
         advantage: AdvantageEstimator | None = None,
         rollout: RolloutConfig | None = None,
         ppo: PPOConfig | None = None,
@@ -99,6 +105,9 @@ class RLModule(pl.LightningModule):
         names = [o.name for o in self.objectives]
         if len(set(names)) != len(names):
             raise ValueError(f"model.objectives: names must be unique, got {names}")
+        self.combiner = combiner or Scalarized()
+        self.gradients = gradients or GradientConfig()
+        self.skipped_updates = 0
         self.advantage = advantage or GRPO()
         self.rollout_cfg = rollout or RolloutConfig()
         self.ppo = ppo or PPOConfig()
@@ -148,6 +157,7 @@ class RLModule(pl.LightningModule):
         else:
             self.policy = build_tiny_model(cfg.tiny, self.tokenizer)
         check_head_matches_forward(self.policy, len(self.tokenizer))
+        check_space(self.gradients.space, self.trainer.strategy)
         if self.needs_ref:
             self._reference = [freeze(copy.deepcopy(self.policy))]
         self.reward_fn = self.trainer.datamodule.task.reward_fn()
@@ -190,10 +200,12 @@ class RLModule(pl.LightningModule):
         rewards, valid = call_reward(self.reward_fn, prompts, texts, fields, self.ppo.reward_on_error)
         return rewards.to(self.device), valid.to(self.device)
 
-    def _score(self, model: torch.nn.Module, ro: Rollout):
+    def _score(self, model: torch.nn.Module, ro: Rollout, for_update: bool = False) -> Scores:
+        space = self.gradients.space
         return score_completions(
             model, ro.input_ids, ro.attention_mask, ro.completion_ids.shape[1],
             self.rollout_cfg.temperature, self.ppo.score_chunk_tokens,
+            return_hidden=for_update and space == "hidden", return_logit_stats=for_update and space == "logits",
         )  # fmt: skip
 
     # ---------------------------------------------------------------------------- the RL step
@@ -217,7 +229,7 @@ class RLModule(pl.LightningModule):
         # grad forward is done here once and reused, instead of a second, no-grad pass.
         on_policy = self.ppo.epochs == 1 and self.ppo.minibatches == 1
         if on_policy:
-            first = self._score(self.policy, ro)
+            first = self._score(self.policy, ro, for_update=True)
             old = Scores(first.logp.detach(), first.entropy.detach())
         else:
             with torch.no_grad():
@@ -241,16 +253,23 @@ class RLModule(pl.LightningModule):
                 perm = torch.randperm(n, generator=gen, device=self.device)
             for idx in perm.chunk(self.ppo.minibatches):
                 sub = ro.select(idx)
-                cur = first if on_policy else self._score(self.policy, sub)
+                cur = first if on_policy else self._score(self.policy, sub, for_update=True)
                 tb = TokenBatch(
                     logp=cur.logp, old_logp=old.logp[idx], rollout_logp=sub.rollout_logp, advantages=advantages[idx],
                     mask=mask[idx], entropy=cur.entropy, old_entropy=old.entropy[idx],
                     ref_logp=None if ref_logp is None else ref_logp[idx], rewards=rewards[idx], correct=correct[idx],
                     loss_scale_factor=float(cfg.max_new_tokens),
                 )  # fmt: skip
-                total, metrics = self._objective_losses(tb)
+                losses, metrics = self._objective_losses(tb)
                 opt.zero_grad(set_to_none=True)
-                self.manual_backward(total)
+                update = self._combined_backward(losses, cur)
+                metrics.update(gram_metrics(update, [o.name for o in self.objectives]))
+                metrics["loss/total"] = sum(
+                    float(c) * loss.detach() for c, loss in zip(update.coefficients, losses, strict=True)
+                )
+                if update.skipped:  # non-finite loss/Gram: no gradient; the (no-op) step keeps counters aligned
+                    self.skipped_updates += 1
+                    opt.zero_grad(set_to_none=True)
                 metrics["grad_norm"] = self._grad_norm()
                 if self.ppo.clip_grad_norm is not None:
                     self.clip_gradients(opt, gradient_clip_val=self.ppo.clip_grad_norm, gradient_clip_algorithm="norm")
@@ -269,18 +288,27 @@ class RLModule(pl.LightningModule):
         if hasattr(stream, "mark_consumed"):
             stream.mark_consumed(batch.index)
 
-    def _objective_losses(self, tb: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        """Weighted sum of the objectives and their namespaced metrics."""
-        total = torch.zeros((), device=self.device)
+    def _objective_losses(self, tb: TokenBatch) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """The objectives' raw losses (in config order) and their namespaced metrics."""
+        losses: list[Tensor] = []
         metrics: dict[str, Tensor] = {}
         for obj in self.objectives:
             loss, m = obj(tb)
-            total = total + obj.weight * loss
+            losses.append(loss)
             metrics[f"objective/{obj.name}/loss"] = loss.detach()
             prefix = "policy/" if isinstance(obj, PolicyObjective) else f"objective/{obj.name}/"
             metrics.update({prefix + k: v for k, v in m.items()})
-        metrics["loss/total"] = total.detach()
-        return total, metrics
+        return losses, metrics
+
+    def _combined_backward(self, losses: list[Tensor], cur: Scores):
+        """Gram in the configured space -> combiner -> ``.grad = sum_k c_k grad L_k`` (gradients.py)."""
+        return combined_backward(
+            losses, torch.tensor([o.weight for o in self.objectives]), self.combiner, self.gradients.space,
+            lambda loss, retain: self.manual_backward(loss, retain_graph=retain), list(self.policy.parameters()),
+            hidden=cur.hidden, logp=cur.logp, entropy=cur.entropy, logit_stats=cur.logit_stats,
+            all_reduce=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"),
+            world_size=self.trainer.world_size, monitor=self.gradients.monitor,
+        )  # fmt: skip
 
     def _grad_norm(self) -> Tensor:
         norms = [p.grad.detach().norm() for p in self.policy.parameters() if p.grad is not None]
@@ -311,6 +339,7 @@ class RLModule(pl.LightningModule):
             logs[f"train/{key}"] = torch.stack([m[key] for m in update_metrics]).mean()
         for obj in self.objectives:
             logs[f"train/objective/{obj.name}/weight"] = torch.tensor(obj.weight)
+        logs["train/combiner/skipped_total"] = torch.tensor(float(self.skipped_updates))
         self.log_dict({k: v.float() for k, v in logs.items()}, on_step=True, on_epoch=False, batch_size=len(batch))
 
     # ----------------------------------------------------------------------------- validation
@@ -334,9 +363,13 @@ class RLModule(pl.LightningModule):
     # ---------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["cappo_objective_weights"] = {o.name: o.weight for o in self.objectives}
+        checkpoint["cappo_combiner"] = {"state": self.combiner.state_dict(), "skipped": self.skipped_updates}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.policy is None:
             self.setup("fit")
         for obj in self.objectives:
             obj.weight = checkpoint.get("cappo_objective_weights", {}).get(obj.name, obj.weight)
+        combiner_state = checkpoint.get("cappo_combiner", {})
+        self.combiner.load_state_dict(combiner_state.get("state", {}))
+        self.skipped_updates = combiner_state.get("skipped", 0)

@@ -47,10 +47,46 @@ class Scores:
     logp: Tensor
     entropy: Tensor
     hidden: Tensor | None = None
+    logit_stats: Tensor | None = None
+    """(B, T, 3) detached inner products of d logp / dz and d H / dz (see ``logit_jacobian_stats``)."""
 
 
-def _head_chunk(head: nn.Module, hidden: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    return logprobs_and_entropy(head(hidden), targets, temperature)
+def logit_jacobian_stats(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
+    """Inner products of the two per-token logit Jacobian rows every objective is built from.
+
+    With ``z = logits / T``, ``p = softmax(z)``: ``d logp_y / d logits = u / T`` with ``u = e_y - p``,
+    and ``d H / d logits = v / T`` with ``v = -p * (log p + H)``. Any loss that depends on the model
+    through (logp, entropy) has per-token logit gradient ``(a u + b v) / T`` (a = dL/dlogp,
+    b = dL/dH), so Gram entries in logit space need only ``(u.u, u.v, v.v) / T^2`` per token.
+
+    Args:
+        logits: (..., V) raw logits.
+        targets: (...) token ids.
+        temperature: sampling temperature.
+
+    Returns:
+        (..., 3) float32: ``(u.u, u.v, v.v) / T^2``.
+
+    """
+    z = logits.detach().float() / temperature
+    logp_all = torch.log_softmax(z, dim=-1)
+    p = logp_all.exp()
+    ent = -(p * logp_all).sum(-1, keepdim=True)
+    q = p * (logp_all + ent)  # v = -q
+    p_y = p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    q_y = q.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    uu = 1.0 - 2.0 * p_y + (p * p).sum(-1)
+    uv = -q_y + (p * q).sum(-1)
+    vv = (q * q).sum(-1)
+    return torch.stack([uu, uv, vv], -1) / temperature**2
+
+
+def _head_chunk(
+    head: nn.Module, hidden: Tensor, targets: Tensor, temperature: float, stats: bool = False
+) -> tuple[Tensor, ...]:
+    logits = head(hidden)
+    lp, en = logprobs_and_entropy(logits, targets, temperature)
+    return (lp, en, logit_jacobian_stats(logits, targets, temperature)) if stats else (lp, en)
 
 
 def score_completions(
@@ -61,6 +97,7 @@ def score_completions(
     temperature: float = 1.0,
     chunk_tokens: int = 4096,
     return_hidden: bool = False,
+    return_logit_stats: bool = False,
 ) -> Scores:
     """Score the last ``completion_len`` tokens of each sequence under ``model``.
 
@@ -72,6 +109,7 @@ def score_completions(
         temperature: the sampling temperature (logits are divided by it).
         chunk_tokens: tokens per LM-head chunk.
         return_hidden: also return the final hidden states at the T predicting positions.
+        return_logit_stats: also return ``logit_jacobian_stats`` per token (for the logits Gram).
 
     Returns:
         ``Scores`` with logp and entropy (B, T) for completion tokens (garbage on padding: mask it).
@@ -88,18 +126,17 @@ def score_completions(
     head = model.get_output_embeddings()
     b, t, d = hidden.shape
     flat_h, flat_y = hidden.reshape(b * t, d), targets.reshape(b * t)
-    logps, ents = [], []
+    outs = []
     for start in range(0, b * t, chunk_tokens):
         h, y = flat_h[start : start + chunk_tokens], flat_y[start : start + chunk_tokens]
         if torch.is_grad_enabled() and h.requires_grad:
-            lp, en = checkpoint(_head_chunk, head, h, y, temperature, use_reentrant=False)
+            outs.append(checkpoint(_head_chunk, head, h, y, temperature, return_logit_stats, use_reentrant=False))
         else:
-            lp, en = _head_chunk(head, h, y, temperature)
-        logps.append(lp)
-        ents.append(en)
-    logp = torch.cat(logps).view(b, t)
-    entropy = torch.cat(ents).view(b, t)
-    return Scores(logp, entropy, hidden if return_hidden else None)
+            outs.append(_head_chunk(head, h, y, temperature, return_logit_stats))
+    logp = torch.cat([o[0] for o in outs]).view(b, t)
+    entropy = torch.cat([o[1] for o in outs]).view(b, t)
+    stats = torch.cat([o[2] for o in outs]).view(b, t, 3) if return_logit_stats else None
+    return Scores(logp, entropy, hidden if return_hidden else None, stats)
 
 
 @torch.no_grad()

@@ -1,0 +1,286 @@
+"""Per-objective gradients -> Gram (K x K) -> combiner coefficients -> one combined update.
+
+Three Gram spaces (DESIGN.md "Contracts"; reference/combiners.md A2.1, A5, B6):
+
+- ``params``: exact. K backward passes through the strategy (under DDP each one is all-reduced, so
+  the local Gram of the averaged gradients IS the global Gram: no further reduction). Each
+  gradient is stashed, ``G[i, j] = g_i . g_j``, and ``sum_k c_k g_k`` is written into ``.grad``
+  in place: no extra backward. Peak extra memory: about K x the parameter size (the stash).
+  Refused under DeepSpeed ZeRO-2/3, which cannot run several independent backward passes.
+- ``hidden`` (MGDA-UB, Sener & Koltun 2018 Sec. 3.3): gradients of each L_k w.r.t. the last hidden
+  state (only the LM head is traversed), then ONE backward of ``sum_k c_k L_k``.
+- ``logits``: gradients w.r.t. the logits, from per-token scalars only (``logit_jacobian_stats``):
+  the (B, T, V) logits gradient is never formed. Valid for objectives that depend on the model
+  through the per-token (logp, entropy) of the scored tokens, which every built-in one does.
+
+In ``hidden``/``logits`` each rank holds different samples, i.e. disjoint coordinates, so the sum
+of per-rank Grams is the global Gram (of the per-rank mean losses: divided by world_size^2, which
+also makes a single process over the same global batch agree exactly).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from cappo_pl.combiners.base import Combiner
+
+Space = Literal["params", "hidden", "logits"]
+Backward = Callable[[Tensor, bool], None]
+"""``backward(loss, retain_graph)``: the strategy-aware backward (``LightningModule.manual_backward``)."""
+AllReduce = Callable[[Tensor], Tensor]
+"""Sum over data-parallel ranks (identity on one process)."""
+
+
+@dataclass
+class GradientConfig:
+    """Where per-objective gradients are compared.
+
+    Attributes:
+        space: ``hidden`` (default: cheap, exact under any strategy), ``logits`` (cheapest) or
+            ``params`` (exact parameter-space Gram; K backward passes and K x params memory).
+        monitor: compute the Gram (norms, cosines, conflicts in the logs) even when the combiner
+            does not need it (Scalarized). Off: a Scalarized step is a plain single backward.
+
+    """
+
+    space: Space = "hidden"
+    monitor: bool = True
+
+
+@dataclass
+class Update:
+    """What one combined update did."""
+
+    coefficients: Tensor
+    """(K,) float64 coefficients c (the weights when no Gram was needed)."""
+    gram: Tensor | None
+    """(K, K) float64 Gram in the configured space (None when not computed)."""
+    skipped: bool
+    """True when a non-finite loss, Gram or coefficient made the step be skipped (no gradient)."""
+
+
+# ----------------------------------------------------------------------------------- pure Grams
+def gram_of(vectors: Sequence[Tensor]) -> Tensor:
+    """``G[i, j] = v_i . v_j`` in float64 for K same-shaped tensors; (K, K)."""
+    flat = torch.stack([v.reshape(-1) for v in vectors]).double()
+    return flat @ flat.T
+
+
+def hidden_gram(losses: Sequence[Tensor], hidden: Tensor) -> Tensor:
+    """Gram of ``d L_k / d hidden`` (K VJPs through the LM head only); (K, K) float64.
+
+    Args:
+        losses: K scalar losses, each a function of ``hidden`` (B, T, d).
+        hidden: the shared representation.
+
+    """
+    grads = []
+    for loss in losses:
+        (g,) = torch.autograd.grad(loss, hidden, retain_graph=True, allow_unused=True)
+        grads.append(torch.zeros_like(hidden) if g is None else g.detach())
+    return gram_of(grads)
+
+
+def logits_gram(losses: Sequence[Tensor], logp: Tensor, entropy: Tensor, stats: Tensor) -> Tensor:
+    """Gram of ``d L_k / d logits`` from per-token scalars; (K, K) float64.
+
+    Per token t the logit gradient of L_k is ``a_kt u_t + b_kt v_t`` (``logit_jacobian_stats``), so
+    ``G[i, j] = sum_t a_i a_j uu + (a_i b_j + b_i a_j) uv + b_i b_j vv``.
+
+    Args:
+        losses: K scalar losses, functions of ``logp`` and ``entropy`` (B, T).
+        logp: (B, T) per-token logprobs of the scored tokens (part of the graph).
+        entropy: (B, T) per-token entropies (part of the graph).
+        stats: (B, T, 3) ``(u.u, u.v, v.v) / T^2``.
+
+    """
+    a_rows, b_rows = [], []
+    for loss in losses:
+        a, b = torch.autograd.grad(loss, (logp, entropy), retain_graph=True, allow_unused=True)
+        a_rows.append(torch.zeros_like(logp) if a is None else a.detach())
+        b_rows.append(torch.zeros_like(entropy) if b is None else b.detach())
+    a_mat = torch.stack(a_rows).reshape(len(losses), -1).double()
+    b_mat = torch.stack(b_rows).reshape(len(losses), -1).double()
+    uu, uv, vv = (stats.reshape(-1, 3).double()[:, i] for i in range(3))
+    cross = (a_mat * uv) @ b_mat.T
+    return (a_mat * uu) @ a_mat.T + cross + cross.T + (b_mat * vv) @ b_mat.T
+
+
+# --------------------------------------------------------------------------------- the update
+def _finite(*tensors: Tensor | None) -> bool:
+    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _coefficients(combiner: Combiner, gram: Tensor | None, weights: Tensor, losses: Tensor) -> Tensor:
+    if combiner.needs_gram:
+        return combiner(gram, weights, losses)
+    return combiner(torch.zeros(len(weights), len(weights), dtype=torch.float64), weights, losses)
+
+
+def combined_backward(
+    losses: Sequence[Tensor],
+    weights: Tensor,
+    combiner: Combiner,
+    space: Space,
+    backward: Backward,
+    params: Sequence[torch.nn.Parameter],
+    *,
+    hidden: Tensor | None = None,
+    logp: Tensor | None = None,
+    entropy: Tensor | None = None,
+    logit_stats: Tensor | None = None,
+    all_reduce: AllReduce | None = None,
+    world_size: int = 1,
+    monitor: bool = True,
+) -> Update:
+    """Fill ``.grad`` of ``params`` with ``sum_k c_k grad L_k``, ``c = combiner(G, weights)``.
+
+    The caller zeroes the gradients first and runs clipping and the optimizer step after.
+
+    Args:
+        losses: K scalar losses (raw, unweighted).
+        weights: (K,) objective weights.
+        combiner: maps (Gram, weights) to coefficients.
+        space: Gram space.
+        backward: strategy-aware ``backward(loss, retain_graph)``.
+        params: the trained parameters (``params`` space reads and writes their ``.grad``).
+        hidden: (B, T, d) last hidden state (``hidden`` space).
+        logp: (B, T) scored-token logprobs (``logits`` space).
+        entropy: (B, T) entropies (``logits`` space).
+        logit_stats: (B, T, 3) from ``logit_jacobian_stats`` (``logits`` space).
+        all_reduce: sum over ranks of the per-rank Gram (``hidden``/``logits`` only).
+        world_size: number of data-parallel ranks.
+        monitor: compute the Gram even if the combiner does not need it.
+
+    Returns:
+        The coefficients, the Gram and whether the step was skipped.
+
+    """
+    loss_vec = torch.stack([loss.detach().double() for loss in losses]).cpu()
+    weights = weights.detach().double().cpu()
+    if not _finite(loss_vec):
+        return Update(weights.clone(), None, True)
+    if space == "params":
+        return _params_update(losses, weights, loss_vec, combiner, backward, params, monitor)
+
+    gram = None
+    if combiner.needs_gram or monitor:
+        if space == "hidden":
+            if hidden is None:
+                raise ValueError("the hidden Gram space needs the last hidden state")
+            gram = hidden_gram(losses, hidden)
+        else:
+            if logp is None or entropy is None or logit_stats is None:
+                raise ValueError("the logits Gram space needs logp, entropy and logit stats")
+            gram = logits_gram(losses, logp, entropy, logit_stats)
+        if all_reduce is not None and world_size > 1:
+            gram = all_reduce(gram) / world_size**2
+        gram = gram.cpu()
+    if not _finite(gram):
+        return Update(weights.clone(), gram, True)
+    c = _coefficients(combiner, gram, weights, loss_vec)
+    if not _finite(c):
+        return Update(c, gram, True)
+    total = sum(float(ck) * loss for ck, loss in zip(c, losses, strict=True) if ck != 0)
+    if isinstance(total, Tensor):  # all coefficients zero: nothing to back-propagate
+        backward(total, False)
+    return Update(c, gram, False)
+
+
+def _params_update(
+    losses: Sequence[Tensor],
+    weights: Tensor,
+    loss_vec: Tensor,
+    combiner: Combiner,
+    backward: Backward,
+    params: Sequence[torch.nn.Parameter],
+    monitor: bool,
+) -> Update:
+    """K backward passes, stash, Gram, coefficients, ``.grad = sum_k c_k g_k`` in place."""
+    params = [p for p in params if p.requires_grad]
+    if not (combiner.needs_gram or monitor):
+        c = _coefficients(combiner, None, weights, loss_vec)
+        backward(sum(float(ck) * loss for ck, loss in zip(c, losses, strict=True)), False)
+        return Update(c, None, False)
+    stash: list[list[Tensor]] = []
+    for k, loss in enumerate(losses):
+        for p in params:
+            p.grad = None
+        last = k == len(losses) - 1
+        backward(loss, not last)
+        # the last gradient is kept in place (``.grad`` is replaced below): K - 1 copies at most
+        stash.append(
+            [torch.zeros_like(p) if p.grad is None else p.grad.detach() if last else p.grad.clone() for p in params]
+        )
+    gram = torch.zeros(len(losses), len(losses), dtype=torch.float64, device=params[0].device)
+    for i in range(len(params)):
+        rows = torch.stack([s[i].reshape(-1) for s in stash]).double()
+        gram += rows @ rows.T
+    gram = gram.cpu()
+    c = _coefficients(combiner, gram, weights, loss_vec) if _finite(gram) else None
+    if c is None or not _finite(c):
+        for p in params:
+            p.grad = None
+        return Update(weights.clone() if c is None else c, gram, True)
+    for i, p in enumerate(params):
+        combined = torch.zeros_like(p)
+        for ck, s in zip(c.tolist(), stash, strict=True):
+            if ck != 0:
+                combined.add_(s[i], alpha=ck)
+        p.grad = combined
+    return Update(c, gram, False)
+
+
+def zero_stage(strategy: object) -> int:
+    """DeepSpeed ZeRO stage of a Lightning strategy (0 for anything that is not DeepSpeed)."""
+    if not type(strategy).__name__.startswith("DeepSpeed"):
+        return 0
+    config = getattr(strategy, "config", None) or {}
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def check_space(space: Space, strategy: object) -> None:
+    """Refuse ``params`` where several backward passes per step are not possible (ZeRO-2/3)."""
+    from cappo_pl.errors import ConfigError
+
+    stage = zero_stage(strategy)
+    if space == "params" and stage >= 2:
+        raise ConfigError(
+            f"model.gradients.space: 'params' needs K backward passes per step, which DeepSpeed ZeRO-{stage} "
+            "does not support (each backward is a reduction boundary); use 'hidden' or 'logits'"
+        )
+
+
+# ------------------------------------------------------------------------------------- logging
+def gram_metrics(update: Update, names: Sequence[str]) -> dict[str, Tensor]:
+    """Namespaced metrics of one update (norms and cosines are in the Gram's space).
+
+    Keys: ``combiner/c_<name>``, ``grad/norm_<name>``, ``grad/cos_<a>_<b>``, ``grad/combined_norm``
+    (``sqrt(c^T G c)``), ``grad/conflict`` (1 if any pair of non-zero gradients has cosine < 0),
+    ``combiner/skipped`` (1 for a skipped step).
+    """
+    out = {f"combiner/c_{n}": update.coefficients[i].float() for i, n in enumerate(names)}
+    out["combiner/skipped"] = torch.tensor(float(update.skipped))
+    g = update.gram
+    if g is None or not _finite(g):
+        return out
+    norms = g.diagonal().clamp_min(0.0).sqrt()
+    for i, n in enumerate(names):
+        out[f"grad/norm_{n}"] = norms[i].float()
+    conflict = False
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            denom = float(norms[i] * norms[j])
+            cos = float(g[i, j]) / denom if denom > 0 else 0.0
+            out[f"grad/cos_{names[i]}_{names[j]}"] = torch.tensor(cos)
+            conflict |= cos < 0
+    c = update.coefficients
+    out["grad/combined_norm"] = torch.tensor(math.sqrt(max(float(c @ g @ c), 0.0)))
+    out["grad/conflict"] = torch.tensor(float(conflict))
+    return out
