@@ -1,0 +1,87 @@
+"""Run one combined update under Lightning (DDP on CPU/gloo, or one process) and dump what it did.
+
+Usage: ``python tests/ddp_probe.py OUT_DIR DEVICES``. Every rank takes its contiguous slice of one
+fixed global batch; the per-rank losses are means over equal-sized slices, so their average is the
+single-process loss over the global batch. For each Gram space it writes the coefficients, the Gram
+and a parameter checksum after one optimizer step (``OUT_DIR/rank<r>.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from cappo_pl.combiners import MGDA
+from cappo_pl.gradients import combined_backward
+from cappo_pl.losses.aggregation import agg_loss
+from cappo_pl.models import TinyModelConfig, build_char_tokenizer, build_tiny_model
+from cappo_pl.scoring import score_completions
+
+GLOBAL = 8  # sequences in the global batch
+
+
+def global_batch():
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 90, (GLOBAL, 10), generator=gen)
+    return {
+        "ids": ids,
+        "adv": torch.randn(GLOBAL, 1, generator=gen).expand(GLOBAL, 5),
+        "ref": torch.randn(GLOBAL, 5, generator=gen) * 0.1 - 3.0,
+    }
+
+
+class Probe(pl.LightningModule):
+    def __init__(self, out: Path) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.policy = build_tiny_model(
+            TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), build_char_tokenizer()
+        )
+        self.out = out
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.policy.parameters(), lr=0.1)
+
+    def losses(self, b, space):
+        ids = b["ids"]
+        s = score_completions(self.policy, ids, torch.ones_like(ids), 5, 1.0, return_hidden=space == "hidden")
+        m = torch.ones_like(s.logp)
+        log_ratio = b["ref"] - s.logp
+        kl = agg_loss(log_ratio.exp() - 1 - log_ratio, m, "token-mean")
+        return s, [agg_loss(-b["adv"] * s.logp, m, "token-mean"), -agg_loss(s.entropy, m, "token-mean"), kl]
+
+    def training_step(self, _batch, _idx):
+        n, r = self.trainer.world_size, self.global_rank
+        per = GLOBAL // n
+        b = {k: v[r * per : (r + 1) * per] for k, v in global_batch().items()}
+        opt = self.optimizers()
+        record = {}
+        for space in ("params", "hidden"):
+            opt.zero_grad(set_to_none=True)
+            s, losses = self.losses(b, space)
+            update = combined_backward(
+                losses, torch.tensor([1.0, 0.01, 0.05]), MGDA(), space,
+                lambda loss, retain: self.manual_backward(loss, retain_graph=retain), list(self.policy.parameters()),
+                hidden=s.hidden, all_reduce=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"), world_size=n,
+            )  # fmt: skip
+            grad = torch.cat([p.grad.reshape(-1) for p in self.policy.parameters() if p.grad is not None])
+            record[space] = {"c": update.coefficients.tolist(), "gram": update.gram.tolist(), "grad": grad.tolist()}
+        opt.step()  # with the hidden-space update: the parameters must stay identical across ranks
+        record["params"]["after_step"] = torch.cat([p.detach().reshape(-1) for p in self.policy.parameters()]).tolist()
+        (self.out / f"rank{r}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    out, devices = Path(sys.argv[1]), int(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=1,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(Probe(out), DataLoader(list(range(devices * 2)), batch_size=1))
