@@ -82,3 +82,14 @@ def test_logit_postprocessing_models_are_refused():
     scaled = Scaled(model.config)
     with pytest.raises(ConfigError, match="post-processes its logits"):
         check_head_matches_forward(scaled, len(tok))
+
+
+def test_combiner_configs_differ_only_in_the_combiner_block():
+    import yaml
+
+    paths = sorted(glob.glob(os.path.join(ROOT, "configs", "combiners", "*.yaml")))
+    assert {"scalarized.yaml", "mgda.yaml", "pcgrad.yaml"} <= {os.path.basename(p) for p in paths}
+    configs = [yaml.safe_load(open(p)) for p in paths]
+    combiners = {c["model"].pop("combiner")["class_path"] for c in configs}
+    assert len(combiners) == len(paths)
+    assert all(c == configs[0] for c in configs)

@@ -13,8 +13,8 @@ from cappo_pl.cli import main
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _config(tmp_path, every_n: int) -> str:
-    cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", "grpo.yaml")))
+def _config(tmp_path, every_n: int, config: str = "grpo.yaml") -> str:
+    cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", config)))
     for cb in cfg["trainer"]["callbacks"]:
         if cb["class_path"].endswith("ModelCheckpoint"):
             cb["init_args"] = {"every_n_train_steps": every_n, "save_top_k": -1, "save_last": True, "dirpath": None}
@@ -35,9 +35,9 @@ def _weights(ckpt):
 
 @pytest.fixture
 def run(cli_args, tmp_path):
-    def go(name, steps, extra=()):
+    def go(name, steps, extra=(), config="grpo.yaml"):
         args = cli_args(steps=steps, extra=["--trainer.logger.init_args.name=" + name, *extra])
-        args[2] = _config(tmp_path, every_n=2)
+        args[2] = _config(tmp_path, every_n=2, config=config)
         main(args)
         (log_dir,) = glob.glob(str(tmp_path / "runs" / name / "version_*"))
         return log_dir
@@ -45,8 +45,17 @@ def run(cli_args, tmp_path):
     return go
 
 
-def test_fit_logs_metrics_and_resume_is_exact(run, tmp_path):
-    full = run("full", steps=4)
+COMBINER_KEYS = (
+    "train/combiner/c_policy",
+    "train/grad/cos_policy_entropy",
+    "train/grad/norm_kl",
+    "train/grad/conflict",
+)
+
+
+@pytest.mark.parametrize("config", ["grpo.yaml", "combiners/pcgrad.yaml"])
+def test_fit_logs_metrics_and_resume_is_exact(run, tmp_path, config):
+    full = run("full", steps=4, config=config)
     rows = [r for r in _rows(full) if r.get("train/reward/mean")]
     assert [float(r["train/rl_step"]) for r in rows] == [0.0, 1.0, 2.0, 3.0]
     for key in (
@@ -64,7 +73,7 @@ def test_fit_logs_metrics_and_resume_is_exact(run, tmp_path):
 
     mid = sorted(glob.glob(os.path.join(full, "checkpoints", "*step=2.ckpt")))
     assert mid, os.listdir(os.path.join(full, "checkpoints"))
-    resumed = run("resumed", steps=4, extra=[f"--ckpt_path={mid[0]}"])
+    resumed = run("resumed", steps=4, extra=[f"--ckpt_path={mid[0]}"], config=config)
     rrows = [r for r in _rows(resumed) if r.get("train/reward/mean")]
     # It trains the remaining steps (never restarts, never exits without training) ...
     assert [float(r["train/rl_step"]) for r in rrows] == [2.0, 3.0]
@@ -73,8 +82,12 @@ def test_fit_logs_metrics_and_resume_is_exact(run, tmp_path):
     b = _weights(os.path.join(resumed, "checkpoints", "last.ckpt"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    for key in ("train/reward/mean", "train/policy/entropy"):
-        assert [r[key] for r in rows[2:]] == [r[key] for r in rrows]
+    keys = ["train/reward/mean", "train/policy/entropy", "train/combiner/c_policy"]
+    if "combiners" in config:
+        assert all(k in rows[0] for k in COMBINER_KEYS)
+        keys += list(COMBINER_KEYS)
+    for key in keys:
+        assert [r[key] for r in rows[2:]] == [r[key] for r in rrows], key
 
 
 def test_quickstart_notebook_executes(run, tmp_path):
@@ -95,7 +108,7 @@ def test_quickstart_notebook_executes(run, tmp_path):
     assert "train/reward/mean" in outputs
 
 
-@pytest.mark.parametrize("config", ["grpo.yaml", "ppo.yaml"])
+@pytest.mark.parametrize("config", ["grpo.yaml", "ppo.yaml", "combiners/mgda.yaml", "combiners/pcgrad.yaml"])
 def test_every_config_trains_two_steps(config, cli_args, tmp_path):
     args = cli_args(config=f"configs/{config}", steps=2, extra=["--trainer.logger.init_args.name=smoke"])
     main(args)
