@@ -8,10 +8,15 @@ Three Gram spaces (DESIGN.md "Contracts"; reference/combiners.md A2.1, A5, B6):
   in place: no extra backward. Peak extra memory: about K x the parameter size (the stash).
   Refused under DeepSpeed ZeRO-2/3, which cannot run several independent backward passes.
 - ``hidden`` (MGDA-UB, Sener & Koltun 2018 Sec. 3.3): gradients of each L_k w.r.t. the last hidden
-  state (only the LM head is traversed), then ONE backward of ``sum_k c_k L_k``.
-- ``logits``: gradients w.r.t. the logits, from per-token scalars only (``logit_jacobian_stats``):
-  the (B, T, V) logits gradient is never formed. Valid for objectives that depend on the model
-  through the per-token (logp, entropy) of the scored tokens, which every built-in one does.
+  state, then ONE backward of ``sum_k c_k L_k``.
+- ``logits``: gradients w.r.t. the logits, then the same single backward.
+
+Both representation spaces are computed from three per-token scalars (``scoring.jacobian_stats``)
+and the gradients of each L_k w.r.t. the per-token (logp, entropy), which cost no model pass at
+all: neither the (B, T, V) logits gradient nor K VJPs through the head are formed. This is exact
+for objectives that depend on the model through the per-token (logp, entropy) of the scored
+tokens, which every built-in one does. (A non-linear head in ``hidden`` space falls back to K
+autograd VJPs w.r.t. the hidden states: ``hidden_gram``.)
 
 In ``hidden``/``logits`` each rank holds different samples, i.e. disjoint coordinates, so the sum
 of per-rank Grams is the global Gram (of the per-rank mean losses: divided by world_size^2, which
@@ -87,17 +92,18 @@ def hidden_gram(losses: Sequence[Tensor], hidden: Tensor) -> Tensor:
     return gram_of(grads)
 
 
-def logits_gram(losses: Sequence[Tensor], logp: Tensor, entropy: Tensor, stats: Tensor) -> Tensor:
-    """Gram of ``d L_k / d logits`` from per-token scalars; (K, K) float64.
+def stats_gram(losses: Sequence[Tensor], logp: Tensor, entropy: Tensor, stats: Tensor) -> Tensor:
+    """Gram of ``d L_k / d logits`` (or ``/ d hidden``) from per-token scalars; (K, K) float64.
 
-    Per token t the logit gradient of L_k is ``a_kt u_t + b_kt v_t`` (``logit_jacobian_stats``), so
+    Per token t the representation gradient of L_k is ``a_kt u_t + b_kt v_t`` with
+    ``a = dL_k/dlogp_t``, ``b = dL_k/dH_t`` (``scoring.jacobian_stats``), so
     ``G[i, j] = sum_t a_i a_j uu + (a_i b_j + b_i a_j) uv + b_i b_j vv``.
 
     Args:
         losses: K scalar losses, functions of ``logp`` and ``entropy`` (B, T).
         logp: (B, T) per-token logprobs of the scored tokens (part of the graph).
         entropy: (B, T) per-token entropies (part of the graph).
-        stats: (B, T, 3) ``(u.u, u.v, v.v) / T^2``.
+        stats: (B, T, 3) ``(u.u, u.v, v.v) / T^2`` of the space.
 
     """
     a_rows, b_rows = [], []
@@ -134,7 +140,7 @@ def combined_backward(
     hidden: Tensor | None = None,
     logp: Tensor | None = None,
     entropy: Tensor | None = None,
-    logit_stats: Tensor | None = None,
+    gram_stats: Tensor | None = None,
     all_reduce: AllReduce | None = None,
     world_size: int = 1,
     monitor: bool = True,
@@ -150,10 +156,10 @@ def combined_backward(
         space: Gram space.
         backward: strategy-aware ``backward(loss, retain_graph)``.
         params: the trained parameters (``params`` space reads and writes their ``.grad``).
-        hidden: (B, T, d) last hidden state (``hidden`` space).
-        logp: (B, T) scored-token logprobs (``logits`` space).
-        entropy: (B, T) entropies (``logits`` space).
-        logit_stats: (B, T, 3) from ``logit_jacobian_stats`` (``logits`` space).
+        hidden: (B, T, d) last hidden state (``hidden`` space without ``gram_stats``: K VJPs).
+        logp: (B, T) scored-token logprobs (with ``gram_stats``).
+        entropy: (B, T) entropies (with ``gram_stats``).
+        gram_stats: (B, T, 3) from ``scoring.jacobian_stats`` for ``space``.
         all_reduce: sum over ranks of the per-rank Gram (``hidden``/``logits`` only).
         world_size: number of data-parallel ranks.
         monitor: compute the Gram even if the combiner does not need it.
@@ -171,14 +177,12 @@ def combined_backward(
 
     gram = None
     if combiner.needs_gram or monitor:
-        if space == "hidden":
-            if hidden is None:
-                raise ValueError("the hidden Gram space needs the last hidden state")
+        if gram_stats is not None and logp is not None and entropy is not None:
+            gram = stats_gram(losses, logp, entropy, gram_stats)
+        elif space == "hidden" and hidden is not None:
             gram = hidden_gram(losses, hidden)
         else:
-            if logp is None or entropy is None or logit_stats is None:
-                raise ValueError("the logits Gram space needs logp, entropy and logit stats")
-            gram = logits_gram(losses, logp, entropy, logit_stats)
+            raise ValueError(f"the {space} Gram space needs (logp, entropy, gram_stats) or the hidden states")
         if all_reduce is not None and world_size > 1:
             gram = all_reduce(gram) / world_size**2
         gram = gram.cpu()

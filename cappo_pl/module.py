@@ -205,7 +205,7 @@ class RLModule(pl.LightningModule):
         return score_completions(
             model, ro.input_ids, ro.attention_mask, ro.completion_ids.shape[1],
             self.rollout_cfg.temperature, self.ppo.score_chunk_tokens,
-            return_hidden=for_update and space == "hidden", return_logit_stats=for_update and space == "logits",
+            gram_space=space if for_update and space != "params" else None,
         )  # fmt: skip
 
     # ---------------------------------------------------------------------------- the RL step
@@ -305,7 +305,7 @@ class RLModule(pl.LightningModule):
         return combined_backward(
             losses, torch.tensor([o.weight for o in self.objectives]), self.combiner, self.gradients.space,
             lambda loss, retain: self.manual_backward(loss, retain_graph=retain), list(self.policy.parameters()),
-            hidden=cur.hidden, logp=cur.logp, entropy=cur.entropy, logit_stats=cur.logit_stats,
+            hidden=cur.hidden, logp=cur.logp, entropy=cur.entropy, gram_stats=cur.gram_stats,
             all_reduce=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"),
             world_size=self.trainer.world_size, monitor=self.gradients.monitor,
         )  # fmt: skip

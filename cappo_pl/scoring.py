@@ -47,46 +47,57 @@ class Scores:
     logp: Tensor
     entropy: Tensor
     hidden: Tensor | None = None
-    logit_stats: Tensor | None = None
-    """(B, T, 3) detached inner products of d logp / dz and d H / dz (see ``logit_jacobian_stats``)."""
+    gram_stats: Tensor | None = None
+    """(B, T, 3) detached per-token Gram statistics of the requested space (``jacobian_stats``)."""
 
 
-def logit_jacobian_stats(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
-    """Inner products of the two per-token logit Jacobian rows every objective is built from.
+def jacobian_stats(
+    logits: Tensor, targets: Tensor, temperature: float = 1.0, head_weight: Tensor | None = None
+) -> Tensor:
+    """Per-token inner products of the two gradient directions every objective is built from.
 
-    With ``z = logits / T``, ``p = softmax(z)``: ``d logp_y / d logits = u / T`` with ``u = e_y - p``,
-    and ``d H / d logits = v / T`` with ``v = -p * (log p + H)``. Any loss that depends on the model
-    through (logp, entropy) has per-token logit gradient ``(a u + b v) / T`` (a = dL/dlogp,
-    b = dL/dH), so Gram entries in logit space need only ``(u.u, u.v, v.v) / T^2`` per token.
+    With ``z = logits / T`` and ``p = softmax(z)``: ``d logp_y / d logits = u / T`` with
+    ``u = e_y - p``, and ``d H / d logits = v / T`` with ``v = -p * (log p + H)``. A loss that
+    depends on the model through the per-token (logp, entropy) has per-token logit gradient
+    ``(a u + b v) / T`` (``a = dL/dlogp``, ``b = dL/dH``), so its Gram with another such loss needs
+    only three scalars per token. For a linear head ``logits = W h`` the hidden-state gradient is
+    ``W^T (a u + b v) / T``: the same form with ``x = W^T u``, ``y = W^T v`` (two extra (V x d)
+    products per token, no backward pass, whatever the number of objectives).
 
     Args:
         logits: (..., V) raw logits.
         targets: (...) token ids.
         temperature: sampling temperature.
+        head_weight: (V, d) weight of a linear LM head for hidden-space statistics; None for logits.
 
     Returns:
-        (..., 3) float32: ``(u.u, u.v, v.v) / T^2``.
+        (..., 3) float32: ``(u.u, u.v, v.v) / T^2`` (logits) or ``(x.x, x.y, y.y) / T^2`` (hidden).
 
     """
     z = logits.detach().float() / temperature
     logp_all = torch.log_softmax(z, dim=-1)
     p = logp_all.exp()
-    ent = -(p * logp_all).sum(-1, keepdim=True)
-    q = p * (logp_all + ent)  # v = -q
-    p_y = p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    q_y = q.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    uu = 1.0 - 2.0 * p_y + (p * p).sum(-1)
-    uv = -q_y + (p * q).sum(-1)
-    vv = (q * q).sum(-1)
-    return torch.stack([uu, uv, vv], -1) / temperature**2
+    q = p * (logp_all + (-(p * logp_all).sum(-1, keepdim=True)))  # v = -q
+    if head_weight is not None:
+        w = head_weight.detach().float()
+        x = w[targets] - p @ w
+        y = -(q @ w)
+        stats = [(x * x).sum(-1), (x * y).sum(-1), (y * y).sum(-1)]
+    else:
+        p_y = p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        q_y = q.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        stats = [1.0 - 2.0 * p_y + (p * p).sum(-1), -q_y + (p * q).sum(-1), (q * q).sum(-1)]
+    return torch.stack(stats, -1) / temperature**2
 
 
 def _head_chunk(
-    head: nn.Module, hidden: Tensor, targets: Tensor, temperature: float, stats: bool = False
+    head: nn.Module, hidden: Tensor, targets: Tensor, temperature: float, stats: str | None = None
 ) -> tuple[Tensor, ...]:
     logits = head(hidden)
     lp, en = logprobs_and_entropy(logits, targets, temperature)
-    return (lp, en, logit_jacobian_stats(logits, targets, temperature)) if stats else (lp, en)
+    if stats is None:
+        return lp, en
+    return lp, en, jacobian_stats(logits, targets, temperature, head.weight if stats == "hidden" else None)
 
 
 def score_completions(
@@ -97,7 +108,7 @@ def score_completions(
     temperature: float = 1.0,
     chunk_tokens: int = 4096,
     return_hidden: bool = False,
-    return_logit_stats: bool = False,
+    gram_space: str | None = None,
 ) -> Scores:
     """Score the last ``completion_len`` tokens of each sequence under ``model``.
 
@@ -109,7 +120,9 @@ def score_completions(
         temperature: the sampling temperature (logits are divided by it).
         chunk_tokens: tokens per LM-head chunk.
         return_hidden: also return the final hidden states at the T predicting positions.
-        return_logit_stats: also return ``logit_jacobian_stats`` per token (for the logits Gram).
+        gram_space: ``logits`` or ``hidden``: also return ``jacobian_stats`` per token. For a head
+            that is not a plain ``nn.Linear`` the hidden statistics cannot be formed this way, and
+            the hidden states are returned instead (the Gram then uses K autograd VJPs).
 
     Returns:
         ``Scores`` with logp and entropy (B, T) for completion tokens (garbage on padding: mask it).
@@ -124,18 +137,20 @@ def score_completions(
     hidden = out.last_hidden_state[:, -completion_len - 1 : -1]  # position t predicts token t + 1
     targets = input_ids[:, -completion_len:]
     head = model.get_output_embeddings()
+    if gram_space == "hidden" and not isinstance(head, nn.Linear):
+        gram_space, return_hidden = None, True
     b, t, d = hidden.shape
     flat_h, flat_y = hidden.reshape(b * t, d), targets.reshape(b * t)
     outs = []
     for start in range(0, b * t, chunk_tokens):
         h, y = flat_h[start : start + chunk_tokens], flat_y[start : start + chunk_tokens]
         if torch.is_grad_enabled() and h.requires_grad:
-            outs.append(checkpoint(_head_chunk, head, h, y, temperature, return_logit_stats, use_reentrant=False))
+            outs.append(checkpoint(_head_chunk, head, h, y, temperature, gram_space, use_reentrant=False))
         else:
-            outs.append(_head_chunk(head, h, y, temperature, return_logit_stats))
+            outs.append(_head_chunk(head, h, y, temperature, gram_space))
     logp = torch.cat([o[0] for o in outs]).view(b, t)
     entropy = torch.cat([o[1] for o in outs]).view(b, t)
-    stats = torch.cat([o[2] for o in outs]).view(b, t, 3) if return_logit_stats else None
+    stats = torch.cat([o[2] for o in outs]).view(b, t, 3) if gram_space is not None else None
     return Scores(logp, entropy, hidden if return_hidden else None, stats)
 
 

@@ -49,7 +49,9 @@ class Probe(pl.LightningModule):
 
     def losses(self, b, space):
         ids = b["ids"]
-        s = score_completions(self.policy, ids, torch.ones_like(ids), 5, 1.0, return_hidden=space == "hidden")
+        s = score_completions(
+            self.policy, ids, torch.ones_like(ids), 5, 1.0, gram_space=space if space != "params" else None
+        )
         m = torch.ones_like(s.logp)
         log_ratio = b["ref"] - s.logp
         kl = agg_loss(log_ratio.exp() - 1 - log_ratio, m, "token-mean")
@@ -67,7 +69,7 @@ class Probe(pl.LightningModule):
             update = combined_backward(
                 losses, torch.tensor([1.0, 0.01, 0.05]), MGDA(), space,
                 lambda loss, retain: self.manual_backward(loss, retain_graph=retain), list(self.policy.parameters()),
-                hidden=s.hidden, all_reduce=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"), world_size=n,
+                logp=s.logp, entropy=s.entropy, gram_stats=s.gram_stats, all_reduce=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"), world_size=n,
             )  # fmt: skip
             grad = torch.cat([p.grad.reshape(-1) for p in self.policy.parameters() if p.grad is not None])
             record[space] = {"c": update.coefficients.tolist(), "gram": update.gram.tolist(), "grad": grad.tolist()}

@@ -115,10 +115,10 @@ def test_logits_space_gram_from_scalars_matches_the_materialised_logit_gradients
     grads = [torch.autograd.grad(loss, z, retain_graph=True)[0].reshape(-1) for loss in objective_losses(logp, ent, b)]
     ref = torch.stack(grads).double() @ torch.stack(grads).double().T
 
-    s, losses = scored(model, b, return_logit_stats=True)
+    s, losses = scored(model, b, gram_space="logits")
     update = combined_backward(
         losses, torch.ones(3), MGDA(), "logits", plain_backward, params_of(model),
-        logp=s.logp, entropy=s.entropy, logit_stats=s.logit_stats,
+        logp=s.logp, entropy=s.entropy, gram_stats=s.gram_stats,
     )  # fmt: skip
     torch.testing.assert_close(update.gram, ref, rtol=1e-4, atol=1e-12)
     model.zero_grad(set_to_none=True)
@@ -131,10 +131,10 @@ def test_one_scalarized_objective_is_a_plain_step(setup, space):
     (0.3 * losses[0]).backward()
     plain = current_grad(model).clone()
     model.zero_grad(set_to_none=True)
-    s, losses = scored(model, b, return_hidden=True, return_logit_stats=True)
+    s, losses = scored(model, b, gram_space=space if space != "params" else None)
     update = combined_backward(
         losses[:1], torch.tensor([0.3]), Scalarized(), space, plain_backward, params_of(model),
-        hidden=s.hidden, logp=s.logp, entropy=s.entropy, logit_stats=s.logit_stats,
+        logp=s.logp, entropy=s.entropy, gram_stats=s.gram_stats,
     )  # fmt: skip
     assert not update.skipped and update.coefficients.tolist() == pytest.approx([0.3])
     # params space scales g after the backward (0.3 * grad L vs grad 0.3 L): float32 rounding only
