@@ -69,7 +69,8 @@ class Probe(pl.LightningModule):
             update = combined_backward(
                 losses, torch.tensor([1.0, 0.01, 0.05]), MGDA(), space,
                 lambda loss, retain: self.manual_backward(loss, retain_graph=retain), list(self.policy.parameters()),
-                logp=s.logp, entropy=s.entropy, gram_stats=s.gram_stats, all_reduce=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"), world_size=n,
+                logp=s.logp, entropy=s.entropy, gram_stats=s.gram_stats, world_size=n,
+                all_reduce=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"),
             )  # fmt: skip
             grad = torch.cat([p.grad.reshape(-1) for p in self.policy.parameters() if p.grad is not None])
             record[space] = {"c": update.coefficients.tolist(), "gram": update.gram.tolist(), "grad": grad.tolist()}
