@@ -15,6 +15,8 @@ Each configuration runs in its own process so peak memory is not shared between 
 Ratios are to the plain scalarized step (one backward, no Gram). ``RL step`` adds the rollout of
 the same batch (sampling ``completion_len`` tokens with the KV cache), which every row shares.
 Targets (issue 3): MGDA in hidden space <= 1.10x; params space <= (1 + 2K) / 3 = 2.33x for K = 3.
+The params space costs one forward F and K backward passes B by design, so its floor is
+(F + K B) / (F + B); the last line per model prints it from the measured F and B.
 """
 
 from __future__ import annotations
@@ -78,6 +80,12 @@ def setup(model_name: str, args: argparse.Namespace):
     weights = torch.tensor([o.weight for o in objectives])
     combiners = {row: cls() for row, (cls, _, _) in ROWS.items()}
 
+    def forward() -> None:
+        """The plain update's forward alone (graph built, then dropped): F in the cost model."""
+        cur = score_completions(model, ids, mask, t_len)
+        tb = TokenBatch(cur.logp, old.logp, old.logp, adv, mask[:, -t_len:].float(), cur.entropy, ref_logp=ref)
+        sum(o.weight * o(tb)[0] for o in objectives).item()
+
     def update(row: str) -> None:
         _, space, monitor = ROWS[row]
         cur = score_completions(model, ids, mask, t_len, gram_space=space if space != "params" else None)
@@ -98,7 +106,7 @@ def setup(model_name: str, args: argparse.Namespace):
         cfg = RolloutConfig(group_size=args.group_size, max_new_tokens=t_len)
         sample(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), cfg, -1, tok.pad_token_id, gen)
 
-    update.rollout = rollout
+    update.rollout, update.forward = rollout, forward
     return update, sum(p.numel() for p in model.parameters()), device
 
 
@@ -115,6 +123,7 @@ def time_child(model_name: str, rows: list[str], args: argparse.Namespace) -> di
             times[row].append(time.perf_counter() - t0)
     result = {row: statistics.median(t) for row, t in times.items()}
     result["rollout"] = statistics.median(_timed(update.rollout) for _ in range(max(1, args.repeats // 2)))
+    result["forward"] = statistics.median(_timed(update.forward) for _ in range(args.repeats))
     return result
 
 
@@ -150,6 +159,10 @@ def main() -> None:
     p.add_argument("--completion-len", type=int, default=64)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--malloc", choices=("cached", "default"), default="cached",
+        help="cached: glibc keeps freed blocks (as a caching allocator would); default: glibc's own settings",
+    )  # fmt: skip
     p.add_argument("--time-child", help=argparse.SUPPRESS)
     p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -159,11 +172,20 @@ def main() -> None:
     if args.memory_child:
         print(json.dumps(memory_child(*args.memory_child, args)))
         return
+    # glibc's defaults hand blocks > 32 MiB back to the OS on free, so every step page-faults its
+    # activations afresh, and the params space (whose retained graph keeps more memory live) pays
+    # more of that. CUDA, jemalloc and tcmalloc cache instead; "cached" makes glibc do the same.
+    cached = {
+        "MALLOC_MMAP_THRESHOLD_": "33554432",
+        "MALLOC_TRIM_THRESHOLD_": "4294967296",
+        "MALLOC_TOP_PAD_": "536870912",
+    }
+    time_env = {**os.environ, **(cached if args.malloc == "cached" else {})}
     print(
         f"settings: K=3 (policy, entropy, kl) sequences={args.prompts * args.group_size} "
         f"prompt_len={args.prompt_len} completion_len={args.completion_len} threads={args.threads} dtype=float32 "
-        f"torch={torch.__version__} repeats={args.repeats} (median, rows interleaved after 1 warm-up each; "
-        "memory: one process per row)"
+        f"torch={torch.__version__} malloc={args.malloc} repeats={args.repeats} "
+        "(median, rows interleaved after 1 warm-up each; memory: one process per row)"
     )
     print(
         f"{'model':>6} {'params':>8} {'row':>19} {'update s':>9} {'x time':>7} {'peak MiB':>9} {'x mem':>6} "
@@ -180,7 +202,7 @@ def main() -> None:
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     for model in args.models:
-        times = run(["--time-child", model])
+        times = run(["--time-child", model], time_env)
         mems = {row: run(["--memory-child", model, row], mem_env) for row in args.rows}
         t0, m0 = times[args.rows[0]], mems[args.rows[0]]["peak_mib"]
         for row in args.rows:
@@ -189,6 +211,14 @@ def main() -> None:
                 f"{model:>6} {m['params'] / 1e6:>7.2f}M {row:>19} {times[row]:>9.3f} {times[row] / t0:>6.2f}x "
                 f"{m['peak_mib']:>9.1f} {m['peak_mib'] / max(m0, 1e-9):>5.2f}x "
                 f"{step:>10.3f} {step / (times['rollout'] + t0):>6.2f}x"
+            )
+        if "scalarized" in times and "mgda/params" in times:
+            # Cost model of the params space: F + K B against F + B (B: backward + clip + AdamW).
+            f = times["forward"]
+            b = times["scalarized"] - f
+            print(
+                f"{model:>6} cost model: forward F={f:.3f}s, backward+step B={b:.3f}s, B/F={b / f:.2f}; "
+                f"(F + 3B)/(F + B) = {(f + 3 * b) / (f + b):.2f}x; the target (1 + 2K)/3 = 2.33x assumes B/F = 2"
             )
 
 

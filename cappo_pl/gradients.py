@@ -144,6 +144,7 @@ def combined_backward(
     all_reduce: AllReduce | None = None,
     world_size: int = 1,
     monitor: bool = True,
+    grad_scale: float = 1.0,
 ) -> Update:
     """Fill ``.grad`` of ``params`` with ``sum_k c_k grad L_k``, ``c = combiner(G, weights)``.
 
@@ -163,6 +164,9 @@ def combined_backward(
         all_reduce: sum over ranks of the per-rank Gram (``hidden``/``logits`` only).
         world_size: number of data-parallel ranks.
         monitor: compute the Gram even if the combiner does not need it.
+        grad_scale: the AMP loss scale already applied by ``backward`` (``params`` space): the Gram
+            is unscaled by it before the combiner, so scale-dependent options (MGDA ``l2``) see the
+            true gradients, while ``.grad`` stays scaled as the precision plugin expects.
 
     Returns:
         The coefficients, the Gram and whether the step was skipped.
@@ -173,7 +177,7 @@ def combined_backward(
     if not _finite(loss_vec):
         return Update(weights.clone(), None, True)
     if space == "params":
-        return _params_update(losses, weights, loss_vec, combiner, backward, params, monitor)
+        return _params_update(losses, weights, loss_vec, combiner, backward, params, monitor, grad_scale)
 
     gram = None
     if combiner.needs_gram or monitor:
@@ -205,8 +209,14 @@ def _params_update(
     backward: Backward,
     params: Sequence[torch.nn.Parameter],
     monitor: bool,
+    grad_scale: float = 1.0,
 ) -> Update:
-    """K backward passes, stash, Gram, coefficients, ``.grad = sum_k c_k g_k`` in place."""
+    """K backward passes, stash, Gram, coefficients, ``.grad = sum_k c_k g_k`` in place.
+
+    On a non-finite Gram ``.grad`` is left holding ``sum_k w_k g_k`` (non-finite) and the update is
+    marked skipped: with an fp16 GradScaler the caller keeps it, so the scaler skips the step and
+    lowers its scale (a backward overflow is what that fixes); otherwise the caller zeroes it.
+    """
     params = [p for p in params if p.requires_grad]
     if not (combiner.needs_gram or monitor):
         c = _coefficients(combiner, None, weights, loss_vec)
@@ -226,19 +236,18 @@ def _params_update(
     for i in range(len(params)):
         rows = torch.stack([s[i].reshape(-1) for s in stash]).double()
         gram += rows @ rows.T
-    gram = gram.cpu()
+    gram = gram.cpu() / grad_scale**2
     c = _coefficients(combiner, gram, weights, loss_vec) if _finite(gram) else None
-    if c is None or not _finite(c):
-        for p in params:
-            p.grad = None
-        return Update(weights.clone() if c is None else c, gram, True)
+    skipped = c is None or not _finite(c)
+    if skipped:
+        c = weights.clone()
     for i, p in enumerate(params):
         combined = torch.zeros_like(p)
         for ck, s in zip(c.tolist(), stash, strict=True):
             if ck != 0:
                 combined.add_(s[i], alpha=ck)
         p.grad = combined
-    return Update(c, gram, False)
+    return Update(c, gram, skipped)
 
 
 def zero_stage(strategy: object) -> int:

@@ -269,7 +269,8 @@ class RLModule(pl.LightningModule):
                 )
                 if update.skipped:  # non-finite loss/Gram: no gradient; the (no-op) step keeps counters aligned
                     self.skipped_updates += 1
-                    opt.zero_grad(set_to_none=True)
+                    if self._amp_scale() == 1.0:  # an fp16 GradScaler must see the overflow to lower its scale
+                        opt.zero_grad(set_to_none=True)
                 metrics["grad_norm"] = self._grad_norm()
                 if self.ppo.clip_grad_norm is not None:
                     self.clip_gradients(opt, gradient_clip_val=self.ppo.clip_grad_norm, gradient_clip_algorithm="norm")
@@ -307,8 +308,13 @@ class RLModule(pl.LightningModule):
             lambda loss, retain: self.manual_backward(loss, retain_graph=retain), list(self.policy.parameters()),
             hidden=cur.hidden, logp=cur.logp, entropy=cur.entropy, gram_stats=cur.gram_stats,
             all_reduce=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"),
-            world_size=self.trainer.world_size, monitor=self.gradients.monitor,
+            world_size=self.trainer.world_size, monitor=self.gradients.monitor, grad_scale=self._amp_scale(),
         )  # fmt: skip
+
+    def _amp_scale(self) -> float:
+        """Current fp16 GradScaler scale (1.0 without one: fp32, bf16)."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
     def _grad_norm(self) -> Tensor:
         norms = [p.grad.detach().norm() for p in self.policy.parameters() if p.grad is not None]

@@ -176,3 +176,24 @@ def test_gram_metrics_norms_cosines_and_conflict():
     assert m["grad/conflict"].item() == 1.0 and m["combiner/c_ent"].item() == 2.0
     c = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
     assert m["grad/combined_norm"].item() == pytest.approx(float(c @ g @ c) ** 0.5)
+
+
+def test_params_space_backward_overflow_is_skipped_but_left_visible_to_a_grad_scaler():
+    p = torch.nn.Parameter(torch.tensor([0.0, 1.0]))
+    losses = [p.sum(), p.abs().sqrt().sum()]  # d sqrt|x| / dx is infinite at 0: a finite loss, a non-finite gradient
+    update = combined_backward(losses, torch.ones(2), MGDA(), "params", plain_backward, [p], grad_scale=4.0)
+    assert update.skipped and not torch.isfinite(p.grad).all()  # the module zeroes it unless an fp16 scaler is active
+
+
+def test_params_space_gram_is_unscaled_by_the_amp_loss_scale():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    scale = 1024.0
+    losses = [(p**2).sum(), (p * torch.tensor([1.0, 3.0, -1.0])).sum()]
+    update = combined_backward(
+        losses, torch.ones(2), MGDA(normalization="l2"), "params",
+        lambda loss, retain: (loss * scale).backward(retain_graph=retain), [p], grad_scale=scale,
+    )  # fmt: skip
+    g = torch.stack([2 * p.detach(), torch.tensor([1.0, 3.0, -1.0])]).double()
+    torch.testing.assert_close(update.gram, g @ g.T)
+    torch.testing.assert_close(update.coefficients, MGDA(normalization="l2")(g @ g.T, torch.ones(2)))
+    torch.testing.assert_close(p.grad.double(), scale * (g.T @ update.coefficients), rtol=1e-6, atol=1e-6)  # scaled
