@@ -222,31 +222,27 @@ def _params_update(
         c = _coefficients(combiner, None, weights, loss_vec)
         backward(sum(float(ck) * loss for ck, loss in zip(c, losses, strict=True)), False)
         return Update(c, None, False)
-    stash: list[list[Tensor]] = []
+    # One flat float32 (K, P) buffer: the Gram is then a single GEMM and the combination a single GEMV,
+    # instead of K^2 small products per parameter (this keeps the params space at its K-backward floor).
+    sizes = [p.numel() for p in params]
+    buf = torch.zeros(len(losses), sum(sizes), dtype=torch.float32, device=params[0].device)
     for k, loss in enumerate(losses):
         for p in params:
             p.grad = None
-        last = k == len(losses) - 1
-        backward(loss, not last)
-        # the last gradient is kept in place (``.grad`` is replaced below): K - 1 copies at most
-        stash.append(
-            [torch.zeros_like(p) if p.grad is None else p.grad.detach() if last else p.grad.clone() for p in params]
-        )
-    gram = torch.zeros(len(losses), len(losses), dtype=torch.float64, device=params[0].device)
-    for i in range(len(params)):
-        rows = torch.stack([s[i].reshape(-1) for s in stash]).double()
-        gram += rows @ rows.T
-    gram = gram.cpu() / grad_scale**2
+        backward(loss, k < len(losses) - 1)
+        for p, row in zip(params, buf[k].split(sizes), strict=True):
+            if p.grad is not None:
+                row.copy_(p.grad.reshape(-1))
+    for p in params:
+        p.grad = None
+    gram = (buf @ buf.T).double().cpu() / grad_scale**2
     c = _coefficients(combiner, gram, weights, loss_vec) if _finite(gram) else None
     skipped = c is None or not _finite(c)
     if skipped:
         c = weights.clone()
-    for i, p in enumerate(params):
-        combined = torch.zeros_like(p)
-        for ck, s in zip(c.tolist(), stash, strict=True):
-            if ck != 0:
-                combined.add_(s[i], alpha=ck)
-        p.grad = combined
+    combined = c.to(buf) @ buf
+    for p, flat in zip(params, combined.split(sizes), strict=True):
+        p.grad = flat.view_as(p).to(p.dtype)
     return Update(c, gram, skipped)
 
 

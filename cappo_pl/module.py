@@ -303,8 +303,10 @@ class RLModule(pl.LightningModule):
 
     def _combined_backward(self, losses: list[Tensor], cur: Scores):
         """Gram in the configured space -> combiner -> ``.grad = sum_k c_k grad L_k`` (gradients.py)."""
+        # float64 weights: c = weights must be exactly the configured numbers (0.04, not float32's 0.0399...)
+        weights = torch.tensor([o.weight for o in self.objectives], dtype=torch.float64)
         return combined_backward(
-            losses, torch.tensor([o.weight for o in self.objectives]), self.combiner, self.gradients.space,
+            losses, weights, self.combiner, self.gradients.space,
             lambda loss, retain: self.manual_backward(loss, retain_graph=retain), list(self.policy.parameters()),
             hidden=cur.hidden, logp=cur.logp, entropy=cur.entropy, gram_stats=cur.gram_stats,
             all_reduce=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"),
