@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200, help="RL steps per run")
     p.add_argument("--only", nargs="*", help="config names (default: all five)")
     p.add_argument("--out", default="runs", help="log directory")
+    p.add_argument("--space", choices=("params", "hidden", "logits"), help="override model.gradients.space")
     args = p.parse_args()
     configs = sorted(glob.glob(os.path.join(ROOT, "configs", "combiners", "*.yaml")))
     configs = [c for c in configs if not args.only or os.path.basename(c)[:-5] in args.only]
@@ -42,13 +43,14 @@ def main() -> None:
     lines = []
     for cfg in configs:
         name = os.path.basename(cfg)[:-5]
-        run_name = f"combiner_runs/{name}"
+        run_name = f"combiner_runs/{args.space or 'config'}/{name}"
         t0 = time.perf_counter()
         subprocess.run(
             [
                 sys.executable, os.path.join(ROOT, "cli.py"), "fit", "--config", cfg,
                 f"--data.steps_per_epoch={args.steps}", f"--trainer.logger.init_args.save_dir={args.out}",
                 f"--trainer.logger.init_args.name={run_name}", "--trainer.enable_progress_bar=false",
+                *([f"--model.gradients.space={args.space}"] if args.space else []),
             ],
             check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
         )  # fmt: skip
@@ -73,7 +75,7 @@ def main() -> None:
         print(lines[-1], flush=True)
     print(
         f"\nsteps={args.steps}; first->last: mean of the first and last 10 RL steps; conflict: fraction of "
-        "updates with a pair of gradients at cosine < 0 (hidden space); c_*: mean coefficient"
+        "updates with a pair of gradients at cosine < 0 (in the Gram space); c_*: mean coefficient"
     )
     print(header)
     print("\n".join(lines))

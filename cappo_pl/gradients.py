@@ -6,7 +6,8 @@ Three Gram spaces (DESIGN.md "Contracts"; reference/combiners.md A2.1, A5, B6):
   the local Gram of the averaged gradients IS the global Gram: no further reduction). Each
   gradient is stashed, ``G[i, j] = g_i . g_j``, and ``sum_k c_k g_k`` is written into ``.grad``
   in place: no extra backward. Peak extra memory: about K x the parameter size (the stash).
-  Refused under DeepSpeed ZeRO-2/3, which cannot run several independent backward passes.
+  Refused under DeepSpeed (ZeRO-2/3 cannot run several independent backward passes; every stage
+  keeps its own gradient buffers) and FSDP (sharded gradients).
 - ``hidden`` (MGDA-UB, Sener & Koltun 2018 Sec. 3.3): gradients of each L_k w.r.t. the last hidden
   state, then ONE backward of ``sum_k c_k L_k``.
 - ``logits``: gradients w.r.t. the logits, then the same single backward.
@@ -68,6 +69,8 @@ class Update:
     """(K, K) float64 Gram in the configured space (None when not computed)."""
     skipped: bool
     """True when a non-finite loss, Gram or coefficient made the step be skipped (no gradient)."""
+    weights: Tensor | None = None
+    """(K,) float64 objective weights the coefficients came from."""
 
 
 # ----------------------------------------------------------------------------------- pure Grams
@@ -107,8 +110,13 @@ def stats_gram(losses: Sequence[Tensor], logp: Tensor, entropy: Tensor, stats: T
 
     """
     a_rows, b_rows = [], []
-    for loss in losses:
+    for k, loss in enumerate(losses):
         a, b = torch.autograd.grad(loss, (logp, entropy), retain_graph=True, allow_unused=True)
+        if a is None and b is None and loss.requires_grad:
+            raise ValueError(
+                f"objective {k} does not depend on the scored tokens' logp or entropy, so its gradient is not "
+                "in the hidden/logits Gram; use model.gradients.space=params"
+            )
         a_rows.append(torch.zeros_like(logp) if a is None else a.detach())
         b_rows.append(torch.zeros_like(entropy) if b is None else b.detach())
     a_mat = torch.stack(a_rows).reshape(len(losses), -1).double()
@@ -174,8 +182,11 @@ def combined_backward(
     """
     loss_vec = torch.stack([loss.detach().double() for loss in losses]).cpu()
     weights = weights.detach().double().cpu()
-    if not _finite(loss_vec):
-        return Update(weights.clone(), None, True)
+    bad = torch.tensor([0.0 if _finite(loss_vec) else 1.0], device=losses[0].device)
+    if all_reduce is not None and world_size > 1:  # every rank must take the same branch, or collectives hang
+        bad = all_reduce(bad)
+    if float(bad) > 0:
+        return Update(weights.clone(), None, True, weights)
     if space == "params":
         return _params_update(losses, weights, loss_vec, combiner, backward, params, monitor, grad_scale)
 
@@ -191,14 +202,14 @@ def combined_backward(
             gram = all_reduce(gram) / world_size**2
         gram = gram.cpu()
     if not _finite(gram):
-        return Update(weights.clone(), gram, True)
+        return Update(weights.clone(), gram, True, weights)
     c = _coefficients(combiner, gram, weights, loss_vec)
     if not _finite(c):
-        return Update(c, gram, True)
+        return Update(c, gram, True, weights)
     total = sum(float(ck) * loss for ck, loss in zip(c, losses, strict=True) if ck != 0)
     if isinstance(total, Tensor):  # all coefficients zero: nothing to back-propagate
         backward(total, False)
-    return Update(c, gram, False)
+    return Update(c, gram, False, weights)
 
 
 def _params_update(
@@ -221,29 +232,33 @@ def _params_update(
     if not (combiner.needs_gram or monitor):
         c = _coefficients(combiner, None, weights, loss_vec)
         backward(sum(float(ck) * loss for ck, loss in zip(c, losses, strict=True)), False)
-        return Update(c, None, False)
+        return Update(c, None, False, weights)
     # One flat float32 (K, P) buffer: the Gram is then a single GEMM and the combination a single GEMV,
     # instead of K^2 small products per parameter (this keeps the params space at its K-backward floor).
     sizes = [p.numel() for p in params]
     buf = torch.zeros(len(losses), sum(sizes), dtype=torch.float32, device=params[0].device)
+    used = [False] * len(params)
     for k, loss in enumerate(losses):
         for p in params:
             p.grad = None
         backward(loss, k < len(losses) - 1)
-        for p, row in zip(params, buf[k].split(sizes), strict=True):
+        for i, (p, row) in enumerate(zip(params, buf[k].split(sizes), strict=True)):
             if p.grad is not None:
                 row.copy_(p.grad.reshape(-1))
+                used[i] = True
     for p in params:
         p.grad = None
     gram = (buf @ buf.T).double().cpu() / grad_scale**2
-    c = _coefficients(combiner, gram, weights, loss_vec) if _finite(gram) else None
-    skipped = c is None or not _finite(c)
-    if skipped:
+    if not _finite(gram):  # a backward overflow: leave it visible (see the docstring)
         c = weights.clone()
+    else:
+        c = _coefficients(combiner, gram, weights, loss_vec)
+        if not _finite(c):
+            return Update(c, gram, True, weights)
     combined = c.to(buf) @ buf
-    for p, flat in zip(params, combined.split(sizes), strict=True):
-        p.grad = flat.view_as(p).to(p.dtype)
-    return Update(c, gram, skipped)
+    for p, flat, u in zip(params, combined.split(sizes), used, strict=True):
+        p.grad = flat.view_as(p).to(p.dtype) if u else None  # untouched params keep no gradient (no decay)
+    return Update(c, gram, not _finite(gram), weights)
 
 
 def zero_stage(strategy: object) -> int:
@@ -255,14 +270,19 @@ def zero_stage(strategy: object) -> int:
 
 
 def check_space(space: Space, strategy: object) -> None:
-    """Refuse ``params`` where several backward passes per step are not possible (ZeRO-2/3)."""
+    """Refuse ``params`` where ``.grad`` is not the plain, complete gradient the optimizer steps on.
+
+    DeepSpeed (ZeRO-2/3 cannot even run several backward passes per step; at every stage the engine
+    keeps its own gradient buffers) and FSDP (sharded gradients: per-rank Grams would differ).
+    """
     from cappo_pl.errors import ConfigError
 
-    stage = zero_stage(strategy)
-    if space == "params" and stage >= 2:
+    name = type(strategy).__name__
+    if space == "params" and (name.startswith("DeepSpeed") or "FSDP" in name):
+        stage = f" ZeRO-{zero_stage(strategy)}" if name.startswith("DeepSpeed") else ""
         raise ConfigError(
-            f"model.gradients.space: 'params' needs K backward passes per step, which DeepSpeed ZeRO-{stage} "
-            "does not support (each backward is a reduction boundary); use 'hidden' or 'logits'"
+            f"model.gradients.space: 'params' needs K separate backward passes and plain per-parameter "
+            f".grad, which {name}{stage} does not provide; use 'hidden' or 'logits'"
         )
 
 
@@ -272,6 +292,8 @@ def gram_metrics(update: Update, names: Sequence[str]) -> dict[str, Tensor]:
 
     Keys: ``combiner/c_<name>``, ``grad/norm_<name>``, ``grad/cos_<a>_<b>``, ``grad/combined_norm``
     (``sqrt(c^T G c)``), ``grad/conflict`` (1 if any pair of non-zero gradients has cosine < 0),
+    ``grad/combined_norm_ratio`` (that norm over the first objective's weighted gradient norm
+    ``|w_1 g_1|``: ~0 is an MGDA stall, >> 1 an update dominated by the other objectives),
     ``combiner/skipped`` (1 for a skipped step).
     """
     out = {f"combiner/c_{n}": update.coefficients[i].float() for i, n in enumerate(names)}
@@ -290,6 +312,11 @@ def gram_metrics(update: Update, names: Sequence[str]) -> dict[str, Tensor]:
             out[f"grad/cos_{names[i]}_{names[j]}"] = torch.tensor(cos)
             conflict |= cos < 0
     c = update.coefficients
-    out["grad/combined_norm"] = torch.tensor(math.sqrt(max(float(c @ g @ c), 0.0)))
+    combined = math.sqrt(max(float(c @ g @ c), 0.0))
+    out["grad/combined_norm"] = torch.tensor(combined)
+    # relative to the first objective's (the reward surrogate's) weighted gradient: ~0 means a stall
+    w0 = float(update.weights[0]) if update.weights is not None else 1.0
+    first = float(norms[0]) * abs(w0)
+    out["grad/combined_norm_ratio"] = torch.tensor(combined / first if first > 0 else float("nan"))
     out["grad/conflict"] = torch.tensor(float(conflict))
     return out

@@ -343,8 +343,9 @@ class RLModule(pl.LightningModule):
         }
         if ref_logp is not None:
             logs["train/policy/kl_ref"] = masked_mean(kl_penalty(old.logp, ref_logp, "k3"), mask)
-        for key in update_metrics[0]:
-            logs[f"train/{key}"] = torch.stack([m[key] for m in update_metrics]).mean()
+        # mean over the step's updates that have the key (a skipped update has no Gram metrics)
+        for key in dict.fromkeys(k for m in update_metrics for k in m):
+            logs[f"train/{key}"] = torch.stack([m[key] for m in update_metrics if key in m]).mean()
         for obj in self.objectives:
             logs[f"train/objective/{obj.name}/weight"] = torch.tensor(obj.weight)
         logs["train/combiner/skipped_total"] = torch.tensor(float(self.skipped_updates))

@@ -79,14 +79,16 @@ def jacobian_stats(
     p = logp_all.exp()
     q = p * (logp_all + (-(p * logp_all).sum(-1, keepdim=True)))  # v = -q
     if head_weight is not None:
-        w = head_weight.detach().float()
-        x = w[targets] - p @ w
-        y = -(q @ w)
+        w = head_weight.detach()  # in its own dtype: no (V, d) float32 copy per chunk
+        x = (w[targets] - p.to(w.dtype) @ w).float()
+        y = -(q.to(w.dtype) @ w).float()
         stats = [(x * x).sum(-1), (x * y).sum(-1), (y * y).sum(-1)]
     else:
-        p_y = p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        logp_y = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         q_y = q.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        stats = [1.0 - 2.0 * p_y + (p * p).sum(-1), -q_y + (p * q).sum(-1), (q * q).sum(-1)]
+        # u.u = (1 - p_y)^2 + sum_{i != y} p_i^2, without the cancellation of 1 - 2 p_y + sum p^2 when p_y ~ 1
+        others = (p * p).scatter(-1, targets.unsqueeze(-1), 0.0).sum(-1)
+        stats = [torch.expm1(logp_y).square() + others, -q_y + (p * q).sum(-1), (q * q).sum(-1)]
     return torch.stack(stats, -1) / temperature**2
 
 
@@ -98,6 +100,12 @@ def _head_chunk(
     if stats is None:
         return lp, en
     return lp, en, jacobian_stats(logits, targets, temperature, head.weight if stats == "hidden" else None)
+
+
+def _plain_linear(head: nn.Module, d: int) -> bool:
+    """A linear head whose full (V, d) weight is readable here (not a ZeRO-3 partition)."""
+    weight = getattr(head, "weight", None)
+    return isinstance(head, nn.Linear) and weight is not None and weight.dim() == 2 and weight.shape[1] == d
 
 
 def score_completions(
@@ -121,8 +129,9 @@ def score_completions(
         chunk_tokens: tokens per LM-head chunk.
         return_hidden: also return the final hidden states at the T predicting positions.
         gram_space: ``logits`` or ``hidden``: also return ``jacobian_stats`` per token. For a head
-            that is not a plain ``nn.Linear`` the hidden statistics cannot be formed this way, and
-            the hidden states are returned instead (the Gram then uses K autograd VJPs).
+            that is not a plain ``nn.Linear`` with a readable weight (e.g. partitioned by ZeRO-3)
+            the hidden statistics cannot be formed this way, and the hidden states are returned
+            instead (the Gram then uses K autograd VJPs).
 
     Returns:
         ``Scores`` with logp and entropy (B, T) for completion tokens (garbage on padding: mask it).
@@ -137,7 +146,7 @@ def score_completions(
     hidden = out.last_hidden_state[:, -completion_len - 1 : -1]  # position t predicts token t + 1
     targets = input_ids[:, -completion_len:]
     head = model.get_output_embeddings()
-    if gram_space == "hidden" and not isinstance(head, nn.Linear):
+    if gram_space == "hidden" and not _plain_linear(head, hidden.shape[-1]):
         gram_space, return_hidden = None, True
     b, t, d = hidden.shape
     flat_h, flat_y = hidden.reshape(b * t, d), targets.reshape(b * t)

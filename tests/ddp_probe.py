@@ -74,6 +74,27 @@ class Probe(pl.LightningModule):
             )  # fmt: skip
             grad = torch.cat([p.grad.reshape(-1) for p in self.policy.parameters() if p.grad is not None])
             record[space] = {"c": update.coefficients.tolist(), "gram": update.gram.tolist(), "grad": grad.tolist()}
+        # a loss that is non-finite on one rank only: every rank must skip (a rank-local skip would hang
+        # the others in the Gram all-reduce / DDP's gradient reduction)
+        opt.zero_grad(set_to_none=True)
+        s, losses = self.losses(b, "hidden")
+        if r == n - 1:
+            losses[0] = losses[0] * float("nan")
+        update = combined_backward(
+            losses, torch.tensor([1.0, 0.01, 0.05]), MGDA(), "hidden",
+            lambda loss, retain: self.manual_backward(loss, retain_graph=retain), list(self.policy.parameters()),
+            logp=s.logp, entropy=s.entropy, gram_stats=s.gram_stats, world_size=n,
+            all_reduce=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"),
+        )  # fmt: skip
+        record["nan_skipped"] = update.skipped
+        opt.zero_grad(set_to_none=True)
+        s, losses = self.losses(b, "hidden")
+        combined_backward(
+            losses, torch.tensor([1.0, 0.01, 0.05]), MGDA(), "hidden",
+            lambda loss, retain: self.manual_backward(loss, retain_graph=retain), list(self.policy.parameters()),
+            logp=s.logp, entropy=s.entropy, gram_stats=s.gram_stats, world_size=n,
+            all_reduce=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"),
+        )  # fmt: skip
         opt.step()  # with the hidden-space update: the parameters must stay identical across ranks
         record["params"]["after_step"] = torch.cat([p.detach().reshape(-1) for p in self.policy.parameters()]).tolist()
         (self.out / f"rank{r}.json").write_text(json.dumps(record))

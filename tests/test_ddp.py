@@ -50,3 +50,9 @@ def test_ranks_stay_in_sync_after_the_step(runs):
     torch.testing.assert_close(
         torch.tensor(r0["params"]["after_step"]), torch.tensor(single["params"]["after_step"]), rtol=1e-5, atol=1e-6
     )
+
+
+def test_a_loss_non_finite_on_one_rank_skips_on_every_rank(runs):
+    (single,), (r0, r1) = runs
+    assert r0["nan_skipped"] and r1["nan_skipped"]  # and neither rank hung
+    assert single["nan_skipped"]

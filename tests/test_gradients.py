@@ -151,31 +151,52 @@ def test_non_finite_loss_or_gram_skips_the_step(setup, space):
     assert update.skipped and all(p.grad is None for p in params_of(model))
 
 
-def test_params_space_is_refused_under_zero_2_and_3():
-    from lightning.pytorch.strategies import DeepSpeedStrategy
+def test_params_space_is_refused_under_deepspeed_and_fsdp():
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 
     strategy = object.__new__(DeepSpeedStrategy)  # no deepspeed install needed to read a config
-    for stage, refused in ((1, False), (2, True), (3, True)):
+    for stage in (0, 1, 2, 3):
         strategy.config = {"zero_optimization": {"stage": stage}}
         assert zero_stage(strategy) == stage
         for space in ("hidden", "logits"):
             check_space(space, strategy)
-        if refused:
-            with pytest.raises(ConfigError, match=f"model.gradients.space.*ZeRO-{stage}"):
-                check_space("params", strategy)
-        else:
+        with pytest.raises(ConfigError, match=f"model.gradients.space.*ZeRO-{stage}"):
             check_space("params", strategy)
+    with pytest.raises(ConfigError, match="model.gradients.space.*FSDP"):
+        check_space("params", object.__new__(FSDPStrategy))
+    check_space("params", object.__new__(DDPStrategy))
     assert zero_stage(object()) == 0
+
+
+def test_an_objective_outside_logp_and_entropy_is_refused_in_representation_spaces(setup):
+    model, b = setup
+    s, losses = scored(model, b, gram_space="logits")
+    losses.append(sum(p.square().sum() for p in params_of(model)))  # a weight penalty: no logp/entropy path
+    with pytest.raises(ValueError, match="space=params"):
+        combined_backward(
+            losses, torch.ones(4), MGDA(), "logits", plain_backward, params_of(model),
+            logp=s.logp, entropy=s.entropy, gram_stats=s.gram_stats,
+        )  # fmt: skip
+    model.zero_grad(set_to_none=True)
+
+
+def test_params_space_leaves_unused_parameters_without_gradient():
+    used, unused = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
+    losses = [used.sum(), (used**2).sum()]
+    update = combined_backward(losses, torch.ones(2), MGDA(), "params", plain_backward, [used, unused])
+    assert not update.skipped and unused.grad is None and used.grad is not None
 
 
 def test_gram_metrics_norms_cosines_and_conflict():
     g = torch.tensor([[4.0, -2.0, 0.0], [-2.0, 1.0, 0.0], [0.0, 0.0, 9.0]], dtype=torch.float64)
-    m = gram_metrics(Update(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64), g, False), ["pg", "ent", "kl"])
+    w = torch.tensor([0.5, 1.0, 1.0], dtype=torch.float64)
+    m = gram_metrics(Update(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64), g, False, w), ["pg", "ent", "kl"])
     assert m["grad/norm_pg"].item() == pytest.approx(2.0) and m["grad/norm_kl"].item() == pytest.approx(3.0)
     assert m["grad/cos_pg_ent"].item() == pytest.approx(-1.0) and m["grad/cos_pg_kl"].item() == 0.0
     assert m["grad/conflict"].item() == 1.0 and m["combiner/c_ent"].item() == 2.0
     c = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
     assert m["grad/combined_norm"].item() == pytest.approx(float(c @ g @ c) ** 0.5)
+    assert m["grad/combined_norm_ratio"].item() == pytest.approx(float(c @ g @ c) ** 0.5 / (0.5 * 2.0))
 
 
 def test_params_space_backward_overflow_is_skipped_but_left_visible_to_a_grad_scaler():
