@@ -74,7 +74,8 @@ def main() -> None:
         )
         print(lines[-1], flush=True)
     print(
-        f"\nsteps={args.steps}; first->last: mean of the first and last 10 RL steps; conflict: fraction of "
+        f"\nspace={args.space or 'as configured'} steps={args.steps}; first->last: mean of the first and last "
+        "10 RL steps; conflict: fraction of "
         "updates with a pair of gradients at cosine < 0 (in the Gram space); c_*: mean coefficient"
     )
     print(header)
