@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from cappo_pl.combiners.base import Combiner
+from cappo_pl.errors import ConfigError
 
 Space = Literal["params", "hidden", "logits"]
 Backward = Callable[[Tensor, bool], None]
@@ -275,8 +276,6 @@ def check_space(space: Space, strategy: object) -> None:
     DeepSpeed (ZeRO-2/3 cannot even run several backward passes per step; at every stage the engine
     keeps its own gradient buffers) and FSDP (sharded gradients: per-rank Grams would differ).
     """
-    from cappo_pl.errors import ConfigError
-
     name = type(strategy).__name__
     if space == "params" and (name.startswith("DeepSpeed") or "FSDP" in name):
         stage = f" ZeRO-{zero_stage(strategy)}" if name.startswith("DeepSpeed") else ""
