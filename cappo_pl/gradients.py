@@ -293,7 +293,8 @@ def gram_metrics(update: Update, names: Sequence[str]) -> dict[str, Tensor]:
     (``sqrt(c^T G c)``), ``grad/conflict`` (1 if any pair of non-zero gradients has cosine < 0),
     ``grad/combined_norm_ratio`` (that norm over the first objective's weighted gradient norm
     ``|w_1 g_1|``: ~0 is an MGDA stall, >> 1 an update dominated by the other objectives),
-    ``combiner/skipped`` (1 for a skipped step).
+    ``grad/cos_combined_<first>`` (cosine of the combined direction with the first objective's
+    gradient: how much of the update serves the reward surrogate), ``combiner/skipped`` (1 for a skipped step).
     """
     out = {f"combiner/c_{n}": update.coefficients[i].float() for i, n in enumerate(names)}
     out["combiner/skipped"] = torch.tensor(float(update.skipped))
@@ -317,5 +318,10 @@ def gram_metrics(update: Update, names: Sequence[str]) -> dict[str, Tensor]:
     w0 = float(update.weights[0]) if update.weights is not None else 1.0
     first = float(norms[0]) * abs(w0)
     out["grad/combined_norm_ratio"] = torch.tensor(combined / first if first > 0 else float("nan"))
+    # cosine of the combined direction with the first objective's gradient: near 0 (or below) the update
+    # does not improve the reward surrogate to first order, whatever its norm (rescaling hides that)
+    along = float(g[0].double() @ c.double())
+    denom = float(norms[0]) * combined
+    out[f"grad/cos_combined_{names[0]}"] = torch.tensor(along / denom if denom > 0 else float("nan"))
     out["grad/conflict"] = torch.tensor(float(conflict))
     return out

@@ -24,8 +24,17 @@ from cappo_pl.gradients import GradientConfig, check_space, combined_backward, g
 from cappo_pl.losses.aggregation import masked_mean
 from cappo_pl.losses.base import TokenBatch
 from cappo_pl.losses.kl import kl_penalty
+from cappo_pl.metrics import SupportRetentionRatio, mean_token_logprob
 from cappo_pl.models import PolicyConfig, build_char_tokenizer, build_tiny_model, freeze, load_pretrained
 from cappo_pl.objectives import Objective, PolicyObjective
+from cappo_pl.references import (
+    ReferenceSet,
+    SRRConfig,
+    build_reference_set,
+    flatten,
+    reference_logprobs,
+    sample_references,
+)
 from cappo_pl.rewards.base import call_reward
 from cappo_pl.rollout import Rollout, RolloutConfig, sample
 from cappo_pl.scoring import Scores, check_head_matches_forward, score_completions
@@ -79,6 +88,7 @@ class RLModule(pl.LightningModule):
         ppo: epochs, mini-batches, clipping.
         optim: optimizer settings.
         val_samples: completions per held-out prompt in validation.
+        srr: the Support Retention Ratio computed in validation (CaPPO).
         monitor_kl: load the reference to log ``train/policy/kl_ref`` even when no objective needs it.
         seed: seed of sampling and mini-batch order (combined with the step index and rank).
 
@@ -95,6 +105,7 @@ class RLModule(pl.LightningModule):
         ppo: PPOConfig | None = None,
         optim: OptimConfig | None = None,
         val_samples: int = 4,
+        srr: SRRConfig | None = None,
         monitor_kl: bool = False,
         seed: int = 0,
     ) -> None:
@@ -113,6 +124,9 @@ class RLModule(pl.LightningModule):
         self.ppo = ppo or PPOConfig()
         self.optim = optim or OptimConfig()
         self.val_samples, self.seed = val_samples, seed
+        self.srr_cfg = srr or SRRConfig()
+        self.srr = SupportRetentionRatio(self.srr_cfg.thresholds, self.srr_cfg.relative_threshold)
+        self.references: ReferenceSet | None = None
         if self.rollout_cfg.top_p < 1.0:
             rank_zero_warn(
                 "model.rollout.top_p < 1: the recorded behaviour logprobs are those of the full tempered "
@@ -170,6 +184,10 @@ class RLModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.reference is not None:
             self.reference.to(self.device)
+        self._ensure_references()  # before the first update: the SRR's SFT baseline is the initial policy
+
+    def on_validation_start(self) -> None:
+        self._ensure_references()
 
     def configure_optimizers(self):
         o = self.optim
@@ -280,6 +298,8 @@ class RLModule(pl.LightningModule):
         t3 = time.perf_counter()
 
         # 6. Metrics, the sample table, and the stream position (for exact resume).
+        if batch.index == 0:
+            self._log_initial_srr()
         self._log_step(batch, ro, rewards, valid, correct, old, ref_logp, mask, update_metrics, (t0, t1, t2, t3))
         self.last_samples = [
             {"prompt": batch.records[i // group].prompt, "completion": texts[i], "reward": float(rewards[i])}
@@ -361,6 +381,72 @@ class RLModule(pl.LightningModule):
         self.log("val/reward/mean", mean_reward, batch_size=size, sync_dist=True)
         self.log("val/accuracy", correct.float().mean(), batch_size=size, sync_dist=True)
         self.log("val/response_length/mean", ro.completion_mask.sum(-1).mean(), batch_size=size, sync_dist=True)
+        if self.references is not None:
+            self._srr_update(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.references is not None and self.srr.total > 0:
+            for key, value in self.srr.compute_all().items():  # already summed over ranks (exact)
+                self.log(f"val/{key}", value.float(), sync_dist=False)
+        self.srr.reset()
+
+    # ------------------------------------------------------------------------------------- SRR
+    def _val_records(self) -> list[Record]:
+        return self.trainer.datamodule.val_records()
+
+    def _ensure_references(self) -> None:
+        """Build the SRR reference set and score it under the current (initial) policy, once per run."""
+        if not self.srr_cfg.enabled or self.references is not None:
+            return
+        records = self._val_records()
+        if not records:
+            return
+        was_training = self.policy.training
+        self.policy.eval()
+        cfg = self.srr_cfg
+        sampler = lambda prompts: sample_references(  # noqa: E731
+            self.policy, self.tokenizer, prompts, cfg.sampled_per_prompt, self.rollout_cfg, self.seed + 7, self.device
+        )
+        refs = build_reference_set(records, cfg, sampler)
+        prompts, comps, ids = flatten(refs, records, range(len(records)))
+        scores = torch.cat([mean_token_logprob(lp, m) for lp, m in self._teacher_force(prompts, comps)]).cpu()
+        ids_t = torch.tensor(ids)
+        refs.sft_scores = [scores[ids_t == i] for i in range(len(records))]
+        self.references = refs
+        self.policy.train(was_training)
+
+    def _teacher_force(self, prompts: list[str], comps: list[str]) -> list[tuple[Tensor, Tensor]]:
+        return reference_logprobs(
+            self.policy, self.tokenizer, prompts, comps, self.rollout_cfg.temperature,
+            self.srr_cfg.batch_size, self.ppo.score_chunk_tokens, self.device,
+        )  # fmt: skip
+
+    def _log_initial_srr(self) -> None:
+        """``val/srr*`` of the initial policy at RL step 0, from the scores taken before the first update."""
+        if self.references is None or not self.references.sft_scores:
+            return
+        metric = SupportRetentionRatio(self.srr_cfg.thresholds, self.srr_cfg.relative_threshold)
+        for i, scores in enumerate(self.references.sft_scores):
+            if scores.numel():
+                ones = torch.ones(scores.numel(), 1)
+                metric.update(scores[:, None], ones, scores, torch.full((scores.numel(),), i))
+        if metric.total > 0 and self.trainer.is_global_zero:
+            # straight to the loggers: ``self.log`` would repeat a once-logged value on every later step
+            values = {f"val/{k}": float(v) for k, v in metric.compute_all().items()}
+            for logger in self.loggers:
+                logger.log_metrics(values, step=0)  # RL step 0, the first batch
+
+    def _srr_update(self, batch: PromptBatch) -> None:
+        rows = range(batch.index, batch.index + len(batch))
+        prompts, comps, ids = flatten(self.references, self._val_records(), rows)
+        if not comps:
+            return
+        sft = torch.cat([self.references.sft_scores[i] for i in rows]).to(self.device)
+        start = 0
+        for logp, mask in self._teacher_force(prompts, comps):
+            end = start + logp.shape[0]
+            self.srr.update(logp, mask, sft[start:end], torch.tensor(ids[start:end], device=self.device))
+            start = end
 
     def rollout_cfg_for_val(self) -> RolloutConfig:
         """Validation samples ``val_samples`` completions per prompt with the training temperature."""
@@ -373,6 +459,8 @@ class RLModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["cappo_objective_weights"] = {o.name: o.weight for o in self.objectives}
         checkpoint["cappo_combiner"] = {"state": self.combiner.state_dict(), "skipped": self.skipped_updates}
+        if self.references is not None:
+            checkpoint["cappo_srr_references"] = self.references.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.policy is None:
@@ -382,3 +470,5 @@ class RLModule(pl.LightningModule):
         combiner_state = checkpoint.get("cappo_combiner", {})
         self.combiner.load_state_dict(combiner_state.get("state", {}))
         self.skipped_updates = combiner_state.get("skipped", 0)
+        if "cappo_srr_references" in checkpoint:  # the initial policy's scores cannot be recomputed later
+            self.references = ReferenceSet.from_state(checkpoint["cappo_srr_references"])

@@ -1,6 +1,16 @@
-"""Lightning callbacks."""
+"""Lightning callbacks: weight controllers, the sample table and the run summary."""
 
+from cappo_pl.callbacks.control import WeightController
+from cappo_pl.callbacks.entropy import EntropyController, StepEntropyController
+from cappo_pl.callbacks.kl import AdaptiveKLController
 from cappo_pl.callbacks.sample_table import SampleTable
 from cappo_pl.callbacks.summary import RunSummary
 
-__all__ = ["RunSummary", "SampleTable"]
+__all__ = [
+    "AdaptiveKLController",
+    "EntropyController",
+    "RunSummary",
+    "SampleTable",
+    "StepEntropyController",
+    "WeightController",
+]

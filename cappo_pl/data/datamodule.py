@@ -131,9 +131,12 @@ class RLDataModule(pl.LightningDataModule):
             )
         return self._stream
 
-    def val_dataloader(self) -> FixedBatches:
+    def val_records(self) -> list[Record]:
+        """The held-out records validation uses (the first ``val_prompts``); batch ``index`` is the offset."""
         records = self.checked_records("val")
-        if self.val_prompts is not None:
-            records = records[: self.val_prompts]
+        return records if self.val_prompts is None else records[: self.val_prompts]
+
+    def val_dataloader(self) -> FixedBatches:
+        records = self.val_records()
         step = self.val_batch_size
         return FixedBatches([PromptBatch(records[i : i + step], i) for i in range(0, len(records), step)])
