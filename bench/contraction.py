@@ -57,10 +57,19 @@ TINY = {
     "model.val_samples": 2,
 }
 TRAIN_KEYS = (
-    "train/reward/mean", "train/accuracy", "train/policy/entropy", "train/policy/kl_ref", "train/entropy_coef",
-    "train/entropy_target", "train/objective/entropy/weight", "train/grad/combined_norm_ratio",
-    "train/grad/cos_combined_policy", "train/combiner/c_policy", "train/combiner/c_entropy", "train/combiner/c_kl",
-)  # fmt: skip
+    "train/reward/mean",
+    "train/accuracy",
+    "train/policy/entropy",
+    "train/policy/kl_ref",
+    "train/entropy_coef",
+    "train/entropy_target",
+    "train/objective/entropy/weight",
+    "train/grad/combined_norm_ratio",
+    "train/grad/cos_combined_policy",
+    "train/combiner/c_policy",
+    "train/combiner/c_entropy",
+    "train/combiner/c_kl",
+)
 SUMMARY = (  # label, metric, how the final value is taken
     ("reward (train)", "train/reward/mean", "last10"),
     ("accuracy (val)", "val/accuracy", "last"),
@@ -86,8 +95,10 @@ def run_config(method: str, seed: int, steps: int, out: str, tiny: bool, sft_cac
     path, overrides = METHODS[method]
     cfg = yaml.safe_load(open(os.path.join(ROOT, path)))
     cfg["trainer"]["callbacks"] = [
-        cb for cb in cfg["trainer"].get("callbacks", []) if not cb["class_path"].endswith(("ModelCheckpoint", "SampleTable"))
-    ]  # fmt: skip
+        cb
+        for cb in cfg["trainer"].get("callbacks", [])
+        if not cb["class_path"].endswith(("ModelCheckpoint", "SampleTable"))
+    ]
     cfg["trainer"]["enable_checkpointing"] = False
     cfg["trainer"]["enable_progress_bar"] = False
     cfg["trainer"]["enable_model_summary"] = False
@@ -96,7 +107,13 @@ def run_config(method: str, seed: int, steps: int, out: str, tiny: bool, sft_cac
         "init_args": {"save_dir": os.path.join(out, "logs"), "name": method, "version": f"seed_{seed}"},
     }
     cfg["seed_everything"] = seed
-    settings = {**overrides, **(TINY if tiny else {}), "model.seed": seed, "data.seed": seed, "data.steps_per_epoch": steps}
+    settings = {
+        **overrides,
+        **(TINY if tiny else {}),
+        "model.seed": seed,
+        "data.seed": seed,
+        "data.steps_per_epoch": steps,
+    }
     if sft_cache:
         settings["model.policy.sft.cache_dir"] = sft_cache
     for key, value in settings.items():
@@ -165,7 +182,9 @@ def summarise(rows: list[dict[str, object]], methods: list[str]) -> list[dict[st
                 runs.setdefault(r["seed"], []).append(r)
         for label, metric, how in SUMMARY:
             vals = [v for v in (final_value(rs, metric, how) for rs in runs.values()) if v is not None]
-            start = [v for v in (final_value([r for r in rs if r["step"] == 0], metric, "last") for rs in runs.values())]
+            start = [
+                v for v in (final_value([r for r in rs if r["step"] == 0], metric, "last") for rs in runs.values())
+            ]
             start = [v for v in start if v is not None]
             if vals:
                 m, ci = mean_ci(vals)
@@ -201,8 +220,13 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     configs = {job: run_config(*job, args.steps, out, args.tiny, args.sft_cache) for job in jobs}
     # SFT once, before the parallel runs race to build the same cache entry
-    subprocess.run([sys.executable, os.path.join(ROOT, "cli.py"), "sft", "--config", configs[jobs[0]]],
-                   check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "cli.py"), "sft", "--config", configs[jobs[0]]],
+        check=True,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
 
     def one(job: tuple[str, int]) -> float:
         t0 = time.perf_counter()
@@ -231,7 +255,9 @@ def main() -> None:
     md = markdown(table, args.methods)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(md + "\n")
-    print(f"\n{len(jobs)} runs in {time.perf_counter() - t0:.0f}s; final values, mean ± 95% CI over seeds {args.seeds}:")
+    print(
+        f"\n{len(jobs)} runs in {time.perf_counter() - t0:.0f}s; final values, mean ± 95% CI over seeds {args.seeds}:"
+    )
     print(md)
     print(f"\nwrote {out}/metrics_long.csv, summary.csv, summary.md")
 

@@ -118,7 +118,10 @@ def test_step_controller_and_adaptive_kl_drive_the_weight():
     trainer = _Trainer()
     ent, kl = EntropyBonus(), KLPenalty(weight=0.5)
     module = _Module([PolicyObjective(), ent, kl])
-    step_ctrl, kl_ctrl = StepEntropyController(target=0.3), AdaptiveKLController(init_coef=0.05, target=0.1, horizon=100)
+    step_ctrl, kl_ctrl = (
+        StepEntropyController(target=0.3),
+        AdaptiveKLController(init_coef=0.05, target=0.1, horizon=100),
+    )
     for c in (step_ctrl, kl_ctrl):
         c.setup(trainer, module, "fit")
         c.on_train_start(trainer, module)

@@ -20,15 +20,15 @@ THRESHOLDS = (0.1, 0.01, 0.001)
 
 def _brute(logp, mask, sft, ids, thresholds=THRESHOLDS, rel=0.1):
     """Plain-Python SRR over lists (one reference per row)."""
-    means = [sum(lp[t] for t in range(len(lp)) if m[t]) / sum(m) for lp, m in zip(logp, mask)]
-    sft_means = [sum(lp[t] for t in range(len(lp)) if m[t]) / sum(m) for lp, m in zip(sft, mask)]
+    means = [sum(lp[t] for t in range(len(lp)) if m[t]) / sum(m) for lp, m in zip(logp, mask, strict=True)]
+    sft_means = [sum(lp[t] for t in range(len(lp)) if m[t]) / sum(m) for lp, m in zip(sft, mask, strict=True)]
     out = {}
     for tau in thresholds:
         out[f"srr@{threshold_key(tau)}"] = sum(v >= math.log(tau) for v in means) / len(means)
     out["srr"] = out[f"srr@{threshold_key(thresholds[0])}"]
-    out["srr_rel"] = sum(a - b >= math.log(rel) for a, b in zip(means, sft_means)) / len(means)
+    out["srr_rel"] = sum(a - b >= math.log(rel) for a, b in zip(means, sft_means, strict=True)) / len(means)
     per_prompt = {}
-    for v, i in zip(means, ids):
+    for v, i in zip(means, ids, strict=True):
         per_prompt.setdefault(i, []).append(v >= math.log(thresholds[0]))
     out["srr_per_prompt"] = sum(sum(h) / len(h) for h in per_prompt.values()) / len(per_prompt)
     return out

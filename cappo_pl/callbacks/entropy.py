@@ -56,7 +56,8 @@ def pi_log_step(
     if (u > log_max and error > 0) or (u < log_min and error < 0):
         # anti-windup (back-calculation): stop the integral where the output meets the clamp
         bound = log_max if u > log_max else log_min
-        integral = min(max(bound - log_coef0 - kp * error, min(state.integral, integral)), max(state.integral, integral))
+        lo, hi = sorted((state.integral, integral))
+        integral = min(max(bound - log_coef0 - kp * error, lo), hi)
         u = log_coef0 + kp * error + integral
     return PIState(min(max(u, log_min), log_max), integral)
 
