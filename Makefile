@@ -19,7 +19,7 @@ $(VENV)/.installed: requirements-lock.txt pyproject.toml
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) cli.py fit --config configs/grpo.yaml
+	$(PY) cli.py fit --config configs/cappo.yaml
 
 lint: venv
 	$(VENV)/bin/ruff check cappo_pl cli.py tests bench

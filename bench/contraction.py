@@ -193,6 +193,26 @@ def summarise(rows: list[dict[str, object]], methods: list[str]) -> list[dict[st
     return table
 
 
+def tracking(rows: list[dict[str, object]], methods: list[str], start: int = 50) -> list[str]:
+    """How closely the controlled runs hold their entropy target, from step ``start`` on."""
+    lines = []
+    for method in methods:
+        for seed in sorted({r["seed"] for r in rows if r["method"] == method}):
+            mine = [r for r in rows if r["method"] == method and r["seed"] == seed and r["step"] >= start]
+            target = {r["step"]: r["value"] for r in mine if r["metric"] == "train/entropy_target"}
+            pts = [(r["step"], r["value"] / target[r["step"]]) for r in mine
+                   if r["metric"] == "train/policy/entropy" and r["step"] in target]  # fmt: skip
+            if not pts:
+                continue
+            within = sum(abs(x - 1) <= 0.1 for _, x in pts) / len(pts)
+            last = [x for _, x in pts[-10:]]
+            lines.append(
+                f"{method} seed {seed}: target {statistics.fmean(target.values()):.3f}; entropy within 10% of it in "
+                f"{within:.0%} of steps >= {start}; last 10 steps mean H/H* = {statistics.fmean(last):.3f}"
+            )
+    return lines
+
+
 def markdown(table: list[dict[str, object]], methods: list[str]) -> str:
     labels = [label for label, _, _ in SUMMARY]
     lines = ["| method | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
@@ -205,18 +225,8 @@ def markdown(table: list[dict[str, object]], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=200, help="RL steps per run")
-    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
-    p.add_argument("--out", default="runs/contraction")
-    p.add_argument("--tiny", action="store_true", help="tiny model and batches (smoke runs, tests)")
-    p.add_argument("--sft-cache", help="override model.policy.sft.cache_dir")
-    args = p.parse_args()
-    out = os.path.abspath(args.out)
-    jobs = [(m, s) for m in args.methods for s in args.seeds]
+def run_all(jobs: list[tuple[str, int]], args, out: str) -> None:
+    """Train every (method, seed) run, ``args.jobs`` at a time, each in its own process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     configs = {job: run_config(*job, args.steps, out, args.tiny, args.sft_cache) for job in jobs}
     # SFT once, before the parallel runs race to build the same cache entry
@@ -236,10 +246,27 @@ def main() -> None:
         print(f"{job[0]:>16} seed {job[1]}: {time.perf_counter() - t0:.0f}s", flush=True)
         return time.perf_counter() - t0
 
-    t0 = time.perf_counter()
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         list(pool.map(one, jobs))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=200, help="RL steps per run")
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")
+    p.add_argument("--out", default="runs/contraction")
+    p.add_argument("--tiny", action="store_true", help="tiny model and batches (smoke runs, tests)")
+    p.add_argument("--sft-cache", help="override model.policy.sft.cache_dir")
+    p.add_argument("--no-run", action="store_true", help="only rebuild the CSVs and summary from existing logs")
+    args = p.parse_args()
+    out = os.path.abspath(args.out)
+    jobs = [(m, s) for m in args.methods for s in args.seeds]
+    t0 = time.perf_counter()
+    if not args.no_run:
+        run_all(jobs, args, out)
     rows = []
     for method, seed in jobs:
         rows += tidy_rows(method, seed, os.path.join(out, "logs", method, f"seed_{seed}", "metrics.csv"))
@@ -259,6 +286,10 @@ def main() -> None:
         f"\n{len(jobs)} runs in {time.perf_counter() - t0:.0f}s; final values, mean ± 95% CI over seeds {args.seeds}:"
     )
     print(md)
+    track = tracking(rows, args.methods)
+    print("\nentropy controller (train/policy/entropy vs train/entropy_target):\n" + "\n".join(track))
+    with open(os.path.join(out, "summary.md"), "a") as f:
+        f.write("\n" + "\n".join(f"- {line}" for line in track) + "\n")
     print(f"\nwrote {out}/metrics_long.csv, summary.csv, summary.md")
 
 

@@ -127,6 +127,7 @@ class RLModule(pl.LightningModule):
         self.srr_cfg = srr or SRRConfig()
         self.srr = SupportRetentionRatio(self.srr_cfg.thresholds, self.srr_cfg.relative_threshold)
         self.references: ReferenceSet | None = None
+        self.initial_srr: dict[str, float] = {}
         if self.rollout_cfg.top_p < 1.0:
             rank_zero_warn(
                 "model.rollout.top_p < 1: the recorded behaviour logprobs are those of the full tempered "
@@ -433,6 +434,7 @@ class RLModule(pl.LightningModule):
         if metric.total > 0 and self.trainer.is_global_zero:
             # straight to the loggers: ``self.log`` would repeat a once-logged value on every later step
             values = {f"val/{k}": float(v) for k, v in metric.compute_all().items()}
+            self.initial_srr = values
             for logger in self.loggers:
                 logger.log_metrics(values, step=0)  # RL step 0, the first batch
 

@@ -18,7 +18,9 @@ ROWS = (
     ("response length", "train/response_length/mean"),
     ("accuracy (val)", "val/accuracy"),
     ("SRR (val)", "val/srr"),
+    ("SRR relative (val)", "val/srr_rel"),
 )
+SRR_KEYS = ("val/srr", "val/srr_rel")
 
 
 class RunSummary(pl.Callback):
@@ -43,10 +45,14 @@ class RunSummary(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._record(trainer)
+        initial = getattr(pl_module, "initial_srr", None) or {}
+        for key in SRR_KEYS:  # the initial policy's SRR (RL step 0) is the "start" of the SRR rows
+            if key in initial and key + "@val" not in self.history:
+                self.history[key + "@val"] = [initial[key]]
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
-            for key in ("val/accuracy", "val/srr"):
+            for key in ("val/accuracy", *SRR_KEYS):
                 value = trainer.callback_metrics.get(key)
                 if value is not None:
                     self.history.setdefault(key + "@val", []).append(float(value))
@@ -67,13 +73,15 @@ class RunSummary(pl.Callback):
             return
         data = self.summary()
         log_dir = trainer.loggers[0].log_dir if trainer.loggers else trainer.default_root_dir
-        table = Table(title=f"run summary (mean of first/last {self.window} RL steps; val: first/last evaluation)")
+        table = Table(
+            title=f"run summary (mean of first/last {self.window} RL steps; val: first/last evaluation, "
+            "SRR: initial policy/last evaluation)"
+        )
         for col in ("metric", "start", "end"):
             table.add_column(col)
         fmt = lambda v: "n/a" if math.isnan(v) else f"{v:.4f}"  # noqa: E731
         for label, row in data.items():
-            note = " (SRR lands with the CaPPO issue)" if label.startswith("SRR") and not row["points"] else ""
-            table.add_row(label + note, fmt(row["start"]), fmt(row["end"]))
+            table.add_row(label, fmt(row["start"]), fmt(row["end"]))
         console = Console()
         console.print(table)
         if log_dir:
