@@ -177,3 +177,32 @@ def test_two_process_ddp_equals_one_process():
     shard = SupportRetentionRatio(THRESHOLDS)
     shard.update(logp[:25], mask[:25], sft[:25], ids[:25])
     assert float(shard.compute()) != want["srr"]  # the shards really differ, so the sync mattered
+
+
+def test_prompts_without_references_get_sampled_ones_kept_in_the_checkpoint(cli_args, tmp_path):
+    import glob
+    import json
+
+    from cappo_pl.cli import main
+
+    train = tmp_path / "train.jsonl"
+    val = tmp_path / "val.jsonl"
+    train.write_text(
+        "".join(json.dumps({"prompt": f"{n}=", "references": [f"1+{n - 1}"]}) + "\n" for n in range(10, 30))
+    )
+    val.write_text("".join(json.dumps({"prompt": f"{n}="}) + "\n" for n in range(40, 44)))  # no references
+    args = cli_args(steps=2, extra=[
+        "--data.task=cappo_pl.data.FileTask", f"--data.task.train_file={train}", f"--data.task.val_file={val}",
+        "--data.task.reward=cappo_pl.rewards:exact_match", "--trainer.logger.init_args.name=sampled",
+        "--model.srr.sampled_per_prompt=4",
+    ])  # fmt: skip
+    main(args)
+    (log_dir,) = glob.glob(str(tmp_path / "runs" / "sampled" / "version_*"))
+    (ckpt,) = glob.glob(f"{log_dir}/checkpoints/last.ckpt")
+    refs = torch.load(ckpt, map_location="cpu", weights_only=False)["cappo_srr_references"]
+    assert refs["sampled"] == 4 and len(refs["texts"]) == 4
+    assert all(len(t) == len(s) for t, s in zip(refs["texts"], refs["sft_scores"], strict=True))
+    assert sum(len(t) for t in refs["texts"]) > 0  # EOS-terminated samples of the tiny SFT policy
+    with open(f"{log_dir}/metrics.csv") as f:
+        header = f.readline()
+    assert "val/srr" in header and "val/srr_rel" in header
