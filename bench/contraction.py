@@ -32,17 +32,23 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# method -> (config, dotted overrides). All four share the policy surrogate (PPO-clip, GRPO
-# advantages), the k3 KL (0.04 at the start), data, model, SFT start, optimizer and step count.
+# method -> (config, dotted overrides). All share the policy surrogate (PPO-clip, GRPO advantages), the
+# k3 KL (0.04 in the loss), data, model, SFT start, optimizer and step count. ``callbacks.<Class>.<arg>``
+# sets an init arg of that callback. The first four are the experiment; the rest are the variants
+# the README reports (``--methods`` picks them).
+_SCALARIZED = {"model.combiner": {"class_path": "cappo_pl.combiners.Scalarized"}, "model.gradients.space": "hidden"}
 METHODS: dict[str, tuple[str, dict[str, object]]] = {
     "grpo": ("configs/grpo.yaml", {}),
     "grpo_entropy": ("configs/combiners/scalarized.yaml", {"model.gradients.space": "hidden"}),
     "cappo": ("configs/cappo.yaml", {}),
-    "cappo_scalarized": (
-        "configs/cappo.yaml",
-        {"model.combiner": {"class_path": "cappo_pl.combiners.Scalarized"}, "model.gradients.space": "hidden"},
-    ),
+    "cappo_scalarized": ("configs/cappo.yaml", _SCALARIZED),
+    # entropy targets below the SFT entropy: how much reward does retention cost?
+    "cappo_target0.75": ("configs/cappo.yaml", {"callbacks.EntropyController.target_ratio": 0.75}),
+    "cappo_target0.5": ("configs/cappo.yaml", {"callbacks.EntropyController.target_ratio": 0.5}),
+    # the design decision: preference-scaled MGDA on raw gradients instead of l2-normalised ones
+    "cappo_mgda_raw": ("configs/cappo.yaml", {"model.combiner.init_args.normalization": "none"}),
 }
+EXPERIMENT = ["grpo", "grpo_entropy", "cappo", "cappo_scalarized"]
 # A small model and short SFT, for smoke runs and the notebook test (--tiny).
 TINY = {
     "model.policy.tiny.hidden_size": 32,
@@ -117,7 +123,12 @@ def run_config(method: str, seed: int, steps: int, out: str, tiny: bool, sft_cac
     if sft_cache:
         settings["model.policy.sft.cache_dir"] = sft_cache
     for key, value in settings.items():
-        _set(cfg, key, value)
+        if key.startswith("callbacks."):
+            _, cls, arg = key.split(".")
+            (cb,) = [cb for cb in cfg["trainer"]["callbacks"] if cb["class_path"].endswith("." + cls)]
+            cb.setdefault("init_args", {})[arg] = value
+        else:
+            _set(cfg, key, value)
     dest = os.path.join(out, "configs", f"{method}_seed{seed}.yaml")
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     with open(dest, "w") as f:
@@ -253,7 +264,7 @@ def run_all(jobs: list[tuple[str, int]], args, out: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="*", default=EXPERIMENT, choices=list(METHODS))
     p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=200, help="RL steps per run")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one torch thread each)")

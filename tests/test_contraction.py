@@ -34,8 +34,8 @@ def _read(path):
 def test_runner_writes_tidy_logs_and_summary(logs):
     rows = _read(logs / "metrics_long.csv")
     assert set(rows[0]) == {"method", "seed", "step", "metric", "value"}
-    assert {r["method"] for r in rows} == set(contraction.METHODS)
-    for method in contraction.METHODS:
+    assert {r["method"] for r in rows} == set(contraction.EXPERIMENT)
+    for method in contraction.EXPERIMENT:
         for seed in ("0", "1"):
             mine = [r for r in rows if r["method"] == method and r["seed"] == seed]
             steps = sorted({int(r["step"]) for r in mine if r["metric"] == "train/reward/mean"})
@@ -83,5 +83,5 @@ def test_contraction_notebook_executes_on_the_logs(logs, tmp_path):
     assert fig.exists() and fig.stat().st_size > 1000
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "mean ± 95% CI" in text
-    for method in contraction.METHODS:
+    for method in contraction.EXPERIMENT:
         assert method in text
