@@ -36,6 +36,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # k3 KL (0.04 in the loss), data, model, SFT start, optimizer and step count. ``callbacks.<Class>.<arg>``
 # sets an init arg of that callback. The first four are the experiment; the rest are the variants
 # the README reports (``--methods`` picks them).
+_KL_BUDGET = {
+    "class_path": "cappo_pl.callbacks.AdaptiveKLController",
+    "init_args": {"objective": "kl", "init_coef": 0.04, "target": 0.2, "horizon": 10000, "gate": True},
+}
 _SCALARIZED = {"model.combiner": {"class_path": "cappo_pl.combiners.Scalarized"}, "model.gradients.space": "hidden"}
 METHODS: dict[str, tuple[str, dict[str, object]]] = {
     "grpo": ("configs/grpo.yaml", {}),
@@ -47,6 +51,14 @@ METHODS: dict[str, tuple[str, dict[str, object]]] = {
     "cappo_target0.5": ("configs/cappo.yaml", {"callbacks.EntropyController.target_ratio": 0.5}),
     # the design decision: preference-scaled MGDA on raw gradients instead of l2-normalised ones
     "cappo_mgda_raw": ("configs/cappo.yaml", {"model.combiner.init_args.normalization": "none"}),
+    # the KL term as a budget (a gated constraint, like the entropy floor) instead of an always-active peer
+    "cappo_klbudget": ("configs/cappo.yaml", {"callbacks+": [_KL_BUDGET]}),
+    "cappo_klbudget_target0.75": (
+        "configs/cappo.yaml",
+        {"callbacks+": [_KL_BUDGET], "callbacks.EntropyController.target_ratio": 0.75},
+    ),
+    # the scalarized ablation with a plain (ungated) PI controller
+    "cappo_scalarized_nogate": ("configs/cappo.yaml", {**_SCALARIZED, "callbacks.EntropyController.gate": False}),
 }
 EXPERIMENT = ["grpo", "grpo_entropy", "cappo", "cappo_scalarized"]
 # A small model and short SFT, for smoke runs and the notebook test (--tiny).
@@ -123,7 +135,9 @@ def run_config(method: str, seed: int, steps: int, out: str, tiny: bool, sft_cac
     if sft_cache:
         settings["model.policy.sft.cache_dir"] = sft_cache
     for key, value in settings.items():
-        if key.startswith("callbacks."):
+        if key == "callbacks+":
+            cfg["trainer"]["callbacks"] += value
+        elif key.startswith("callbacks."):
             _, cls, arg = key.split(".")
             (cb,) = [cb for cb in cfg["trainer"]["callbacks"] if cb["class_path"].endswith("." + cls)]
             cb.setdefault("init_args", {})[arg] = value
