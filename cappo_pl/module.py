@@ -393,7 +393,10 @@ class RLModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------- SRR
     def _val_records(self) -> list[Record]:
-        return self.trainer.datamodule.val_records()
+        dm = self.trainer.datamodule
+        if not hasattr(dm, "val_records"):  # a custom DataModule: no record-aligned validation, so no SRR
+            return []
+        return dm.val_records()
 
     def _ensure_references(self) -> None:
         """Build the SRR reference set and score it under the current (initial) policy, once per run."""

@@ -153,3 +153,57 @@ def test_bad_configuration_is_refused():
         EntropyController(target=0.5, target_ratio=0.5)
     with pytest.raises(ValueError, match="coef_min"):
         EntropyController(initial_coef=1.0, coef_max=0.1)
+
+
+def _ddp_controller_worker(rank, world, port, queue):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+    def reduce(t, reduce_op):
+        assert reduce_op == "mean"
+        t = t.clone()
+        dist.all_reduce(t)
+        return t / world
+
+    trainer = _Trainer()
+    trainer.strategy = SimpleNamespace(reduce=reduce)
+    obj = EntropyBonus(weight=0.0)
+    module = _Module([PolicyObjective(), obj])
+    ctrl = EntropyController(target_ratio=0.9)
+    ctrl.setup(trainer, module, "fit")
+    ctrl.on_train_start(trainer, module)
+    weights = []
+    for step in range(5):  # each rank measures a different entropy on its own rollouts
+        _step(ctrl, trainer, module, "train/policy/entropy", 0.8 - 0.05 * step + (0.1 if rank else -0.1))
+        weights.append(obj.weight)
+    queue.put((rank, weights, ctrl.state_dict()))
+    dist.destroy_process_group()
+
+
+def test_ranks_take_the_same_decision_from_the_mean_measurement():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = mp.get_context("spawn").Queue()
+    mp.start_processes(_ddp_controller_worker, args=(2, port, queue), nprocs=2, start_method="spawn", join=True)
+    results = {rank: (w, st) for rank, w, st in (queue.get() for _ in range(2))}
+    assert results[0] == results[1]  # identical weights and state on both ranks
+    single = EntropyController(target_ratio=0.9)
+    trainer, obj = _Trainer(), EntropyBonus(weight=0.0)
+    module = _Module([PolicyObjective(), obj])
+    single.setup(trainer, module, "fit")
+    single.on_train_start(trainer, module)
+    want = []
+    for step in range(5):  # one process seeing the ranks' mean
+        _step(single, trainer, module, "train/policy/entropy", 0.8 - 0.05 * step)
+        want.append(obj.weight)
+    assert results[0][0] == pytest.approx(want, rel=1e-6)
+    assert results[0][1]["target"] == pytest.approx(0.72, rel=1e-6)
