@@ -108,7 +108,10 @@ def test_quickstart_notebook_executes(run, tmp_path):
     assert "train/reward/mean" in outputs
 
 
-@pytest.mark.parametrize("config", ["grpo.yaml", "ppo.yaml", "combiners/mgda.yaml", "combiners/pcgrad.yaml"])
+@pytest.mark.parametrize(
+    "config",
+    ["grpo.yaml", "ppo.yaml", "combiners/mgda.yaml", "combiners/pcgrad.yaml", "ce_gppo.yaml", "erc.yaml", "dppo.yaml"],
+)
 def test_every_config_trains_two_steps(config, cli_args, tmp_path):
     args = cli_args(config=f"configs/{config}", steps=2, extra=["--trainer.logger.init_args.name=smoke"])
     main(args)

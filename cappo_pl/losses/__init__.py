@@ -2,12 +2,25 @@
 
 from cappo_pl.losses.aggregation import AGG_MODES, AggMode, agg_loss, masked_mean
 from cappo_pl.losses.base import PolicyLoss, TokenBatch
+from cappo_pl.losses.dppo import DPPO, binary_divergence, dppo_loss
+from cappo_pl.losses.erc import ERC, entropy_ratio_keep, erc_loss
+from cappo_pl.losses.gppo import GPPO, gppo_loss, gppo_token_loss
 from cappo_pl.losses.kl import KLEstimator, kl_penalty
-from cappo_pl.losses.ppo import PPOClip, ppo_clip_loss
+from cappo_pl.losses.ppo import PPOClip, ppo_clip_loss, ppo_clip_token_loss
 
 __all__ = [
     "AGG_MODES",
+    "DPPO",
+    "ERC",
+    "GPPO",
     "AggMode",
+    "binary_divergence",
+    "dppo_loss",
+    "entropy_ratio_keep",
+    "erc_loss",
+    "gppo_loss",
+    "gppo_token_loss",
+    "ppo_clip_token_loss",
     "KLEstimator",
     "PPOClip",
     "PolicyLoss",

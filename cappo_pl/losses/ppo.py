@@ -42,29 +42,53 @@ def ppo_clip_loss(
         ``clipfrac_high`` (A > 0 and r > 1 + eps_high), ``clipfrac_dual`` and ``ppo_kl`` (mean of -log r).
 
     """
+    per_token, regions = ppo_clip_token_loss(logp, old_logp, advantages, eps_low, eps_high, clip_ratio_c)
+    loss = agg_loss(per_token, mask, agg, loss_scale_factor)
+    with torch.no_grad():
+        metrics = {
+            "clipfrac": masked_mean(regions["clipped"].float(), mask),
+            "clipfrac_low": masked_mean(regions["low"].float(), mask),
+            "clipfrac_high": masked_mean(regions["high"].float(), mask),
+            "clipfrac_dual": masked_mean(regions["dual"].float(), mask),
+            "ppo_kl": masked_mean(-regions["log_ratio"], mask),
+        }
+    return loss, metrics
+
+
+def ppo_clip_token_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    clip_ratio_c: float | None = 3.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token PPO-clip loss (B, T) before aggregation, and its region masks (bool, (B, T)).
+
+    Regions: ``clipped`` (L2 > L1), ``low`` (A < 0, r < 1 - eps_low), ``high`` (A > 0, r > 1 + eps_high),
+    ``dual`` (dual-clip binds); also ``log_ratio``.
+    """
     log_ratio = (logp - old_logp).clamp(-20.0, 20.0)
     ratio = torch.exp(log_ratio)
     loss1 = -advantages * ratio
     loss2 = -advantages * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
     clipped = torch.maximum(loss1, loss2)
     per_token = clipped
-    dual = torch.zeros_like(mask, dtype=torch.bool)
+    dual = torch.zeros_like(advantages, dtype=torch.bool)
     if clip_ratio_c is not None:
         if clip_ratio_c <= 1.0:
             raise ValueError(f"clip_ratio_c must be > 1 for dual-clip, got {clip_ratio_c}")
         loss3 = -advantages * clip_ratio_c
         dual = (advantages < 0) & (clipped > loss3)
         per_token = torch.where(advantages < 0, torch.minimum(clipped, loss3), clipped)
-    loss = agg_loss(per_token, mask, agg, loss_scale_factor)
-    with torch.no_grad():
-        metrics = {
-            "clipfrac": masked_mean((loss2 > loss1).float(), mask),
-            "clipfrac_low": masked_mean(((advantages < 0) & (ratio < 1.0 - eps_low)).float(), mask),
-            "clipfrac_high": masked_mean(((advantages > 0) & (ratio > 1.0 + eps_high)).float(), mask),
-            "clipfrac_dual": masked_mean(dual.float(), mask),
-            "ppo_kl": masked_mean(-log_ratio, mask),
-        }
-    return loss, metrics
+    regions = {
+        "clipped": loss2 > loss1,
+        "low": (advantages < 0) & (ratio < 1.0 - eps_low),
+        "high": (advantages > 0) & (ratio > 1.0 + eps_high),
+        "dual": dual,
+        "log_ratio": log_ratio,
+    }
+    return per_token, regions
 
 
 class PPOClip(PolicyLoss):

@@ -1,0 +1,127 @@
+"""DPPO: a trust region on the estimated divergence to the behaviour policy, instead of ratio clipping.
+
+shared/reference/papers/003; Stable-RL ``compute_policy_loss_with_mask`` and verl
+``compute_policy_loss_dppo_{tv,kl}`` (algorithms.md section 4.1). Anchored on the sampler's policy mu
+(``rollout_logp``), not on the recomputed pi_old:
+
+    l_t = -A_t sg(min(pi(a_t) / mu(a_t), C)) log pi(a_t) M_t
+    M_t = 1 - invalid_t (detached);  invalid_t = invalid_pos if A_t > 0 else invalid_neg
+
+Binary approximations collapse the vocabulary to {sampled token, everything else}, with p = pi(a_t)
+and p' = mu(a_t):
+
+- Binary-TV: ``D = p - p'``; invalid_pos: ``D > delta_high``; invalid_neg: ``D < -delta_low``.
+- Binary-KL: ``D = p' log(p'/p) + (1 - p') log((1 - p' + 1e-8) / (1 - p + 1e-8))``;
+  invalid_pos: ``D > delta_high and p > p'``; invalid_neg: ``D > delta_low and p < p'``.
+
+Gradient w.r.t. ``log pi``: ``-A min(r, C) M``, PPO's unclipped branch inside the region, 0 outside.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from cappo_pl.losses.aggregation import AggMode, agg_loss, masked_mean
+from cappo_pl.losses.base import PolicyLoss, TokenBatch
+
+Divergence = Literal["binary_tv", "binary_kl"]
+
+
+def binary_divergence(logp: Tensor, mu_logp: Tensor, kind: Divergence) -> Tensor:
+    """Per-token binary TV (signed, ``p - p'``) or binary KL(mu || pi); (B, T), no gradient."""
+    p, q = logp.detach().exp(), mu_logp.detach().exp()
+    if kind == "binary_tv":
+        return p - q
+    if kind == "binary_kl":
+        return q * (mu_logp.detach() - logp.detach()) + (1 - q) * torch.log((1 - q + 1e-8) / (1 - p + 1e-8))
+    raise ValueError(f"unknown DPPO divergence {kind!r}")
+
+
+def dppo_invalid(
+    logp: Tensor, mu_logp: Tensor, advantages: Tensor, kind: Divergence, delta_low: float, delta_high: float
+) -> tuple[Tensor, Tensor]:
+    """One-sided trust-region violations (bool (B, T)) and the divergence D (B, T)."""
+    d = binary_divergence(logp, mu_logp, kind)
+    if kind == "binary_tv":
+        inv_pos, inv_neg = d > delta_high, d < -delta_low
+    else:
+        up = logp.detach() > mu_logp.detach()
+        down = logp.detach() < mu_logp.detach()
+        inv_pos, inv_neg = (d > delta_high) & up, (d > delta_low) & down
+    return torch.where(advantages > 0, inv_pos, inv_neg), d
+
+
+def dppo_loss(
+    logp: Tensor,
+    mu_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    kind: Divergence = "binary_tv",
+    delta_low: float = 0.15,
+    delta_high: float = 0.15,
+    tis_cap: float = 10.0,
+    agg: AggMode = "seq-mean-token-sum-norm",
+    loss_scale_factor: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """DPPO surrogate (module docstring); tensors (B, T).
+
+    Returns:
+        ``(loss, metrics)``: ``dppo_masked_pos`` / ``dppo_masked_neg`` (fraction of tokens masked with
+        A > 0 / A <= 0), ``dppo_masked`` (both), ``dppo_divergence`` (mean D), ``tis_clipfrac``.
+
+    """
+    invalid, d = dppo_invalid(logp, mu_logp, advantages, kind, delta_low, delta_high)
+    ratio = torch.exp((logp.detach() - mu_logp.detach()).clamp(max=20.0))
+    weight = ratio.clamp(max=tis_cap)
+    per_token = -advantages * weight * logp * (~invalid).to(logp.dtype)
+    loss = agg_loss(per_token, mask, agg, loss_scale_factor)
+    with torch.no_grad():
+        metrics = {
+            "dppo_masked": masked_mean(invalid.float(), mask),
+            "dppo_masked_pos": masked_mean((invalid & (advantages > 0)).float(), mask),
+            "dppo_masked_neg": masked_mean((invalid & (advantages <= 0)).float(), mask),
+            "dppo_divergence": masked_mean(d, mask),
+            "tis_clipfrac": masked_mean((ratio > tis_cap).float(), mask),
+        }
+    return loss, metrics
+
+
+class DPPO(PolicyLoss):
+    """DPPO with a Binary-TV or Binary-KL trust region around the sampler's policy.
+
+    Args:
+        divergence: ``binary_tv`` or ``binary_kl``.
+        delta_low: region size on the side where pi falls below mu (TV 0.15, KL 0.05).
+        delta_high: region size on the side where pi rises above mu (TV 0.15, KL 0.05).
+        tis_cap: cap C of the truncated importance weight (Stable-RL 10).
+        agg: aggregation (the paper's example: seq-mean-token-sum-norm).
+        loss_scale_factor: L of ``seq-mean-token-sum-norm`` (None: the batch's max_new_tokens).
+
+    """
+
+    def __init__(
+        self,
+        divergence: Divergence = "binary_tv",
+        delta_low: float | None = None,
+        delta_high: float | None = None,
+        tis_cap: float = 10.0,
+        agg: AggMode = "seq-mean-token-sum-norm",
+        loss_scale_factor: float | None = None,
+    ) -> None:
+        default = {"binary_tv": 0.15, "binary_kl": 0.05}
+        if divergence not in default:
+            raise ValueError(f"DPPO divergence must be one of {sorted(default)}, got {divergence!r}")
+        self.divergence = divergence
+        self.delta_low = default[divergence] if delta_low is None else delta_low
+        self.delta_high = default[divergence] if delta_high is None else delta_high
+        self.tis_cap, self.agg, self.loss_scale_factor = tis_cap, agg, loss_scale_factor
+
+    def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        lsf = self.loss_scale_factor if self.loss_scale_factor is not None else batch.loss_scale_factor
+        return dppo_loss(
+            batch.logp, batch.rollout_logp, batch.advantages, batch.mask, self.divergence,
+            self.delta_low, self.delta_high, self.tis_cap, self.agg, lsf,
+        )  # fmt: skip

@@ -1,0 +1,213 @@
+"""CE-GPPO, ERC and DPPO on hand-built tensors: every branch's value and gradient against the reference formulas."""
+
+import math
+
+import pytest
+import torch
+
+from cappo_pl.losses import DPPO, ERC, GPPO, TokenBatch, binary_divergence, gppo_loss, ppo_clip_token_loss
+
+EPS, B1, B2, C = 0.2, 0.5, 1.0, 10.0
+
+# (ratio r, advantage A, mask, expected per-token loss value, expected d loss_t / d log pi)
+GPPO_CASES = [
+    (1.1, 1.0, 1, -1.1, -1.1),  # in range: -r A
+    (1.5, 1.0, 1, -B2 * (1 + EPS), -B2 * (1 + EPS)),  # high side (A > 0, r > 1 + eps): bounded gradient
+    (0.5, -1.0, 1, B1 * (1 - EPS), B1 * (1 - EPS)),  # low side (A < 0, r < 1 - eps): -beta1 (1 - eps) A
+    (0.5, 1.0, 1, -0.5, -0.5),  # A > 0, r < 1 - eps: not clipped by PPO either, -r A
+    (1.5, -1.0, 1, 1.5, 1.5),  # A < 0, r > 1 + eps (below the dual bound): -r A
+    (20.0, -1.0, 1, C, 0.0),  # dual-clip binds: value -A c, no gradient
+    (0.9, 0.0, 1, 0.0, 0.0),  # zero advantage
+    (2.0, 1.0, 0, 0.0, 0.0),  # padding
+]
+
+
+def _tensors(cases):
+    r = torch.tensor([c[0] for c in cases], dtype=torch.float64)[None]
+    old = torch.zeros_like(r)
+    logp = r.log().clone().requires_grad_(True)
+    adv = torch.tensor([c[1] for c in cases], dtype=torch.float64)[None]
+    mask = torch.tensor([c[2] for c in cases], dtype=torch.float64)[None]
+    return logp, old, adv, mask
+
+
+def test_ce_gppo_value_and_gradient_on_every_branch():
+    logp, old, adv, mask = _tensors(GPPO_CASES)
+    loss, metrics = gppo_loss(logp, old, adv, mask, B1, B2, EPS, EPS, C, "token-mean")
+    n = sum(c[2] for c in GPPO_CASES)
+    want_value = sum(c[3] for c in GPPO_CASES if c[2]) / n
+    assert loss.item() == pytest.approx(want_value, abs=1e-12)
+    (grad,) = torch.autograd.grad(loss, logp)
+    want_grad = [c[4] * c[2] / n for c in GPPO_CASES]
+    assert grad[0].tolist() == pytest.approx(want_grad, abs=1e-12)
+    assert metrics["clipfrac_high"].item() == pytest.approx(1 / n)
+    assert metrics["clipfrac_low"].item() == pytest.approx(1 / n)
+    assert metrics["clipfrac_dual"].item() == pytest.approx(1 / n)
+
+
+def test_gppo_with_unit_betas_differs_from_ppo_only_by_the_clipped_gradient():
+    logp, old, adv, mask = _tensors(GPPO_CASES)
+    gppo, _ = gppo_loss(logp, old, adv, mask, 1.0, 1.0, EPS, EPS, C, "token-sum")
+    per_ppo, regions = ppo_clip_token_loss(logp, old, adv, EPS, EPS, C)
+    ppo = (per_ppo * mask).sum()
+    assert gppo.item() == pytest.approx(ppo.item(), abs=1e-12)  # same forward value (beta = 1)
+    g_gppo = torch.autograd.grad(gppo, logp)[0][0]
+    g_ppo = torch.autograd.grad(ppo, logp)[0][0]
+    clipped = ((regions["low"] | regions["high"]) & (mask > 0))[0]
+    assert torch.equal(g_ppo[clipped], torch.zeros_like(g_ppo[clipped]))  # PPO: no gradient once clipped
+    assert (g_gppo[clipped] != 0).all()  # GPPO: a bounded one
+    assert torch.allclose(g_gppo[~clipped], g_ppo[~clipped])
+
+
+def _batch(logp, old, adv, mask, **kw):
+    return TokenBatch(logp=logp, old_logp=old, rollout_logp=kw.pop("mu", old), advantages=adv, mask=mask, **kw)
+
+
+def test_erc_cuts_the_gradient_outside_the_band_and_keeps_value_and_denominator():
+    cases = [(1.1, 1.0, 1), (1.5, 1.0, 1), (0.9, -1.0, 1), (1.0, 1.0, 1), (1.2, -1.0, 1), (1.0, 1.0, 0)]
+    logp, old, adv, mask = _tensors([(r, a, m, 0, 0) for r, a, m in cases])
+    old_h = torch.ones_like(logp)
+    h = torch.tensor([[1.0, 1.04, 0.96, 1.2, 0.9, 1.0]], dtype=torch.float64)  # rho: in, in, in, out, out, pad
+    loss, metrics = ERC(base="dapo", eps_high=0.28)(_batch(logp, old, adv, mask, entropy=h, old_entropy=old_h))
+    per, _ = ppo_clip_token_loss(logp, old, adv, 0.2, 0.28, 10.0)
+    assert loss.item() == pytest.approx(((per * mask).sum() / mask.sum()).item(), abs=1e-12)  # value unchanged
+    (grad,) = torch.autograd.grad(loss, logp)
+    base_grad = torch.autograd.grad((per * mask).sum() / mask.sum(), logp)[0]
+    keep = torch.tensor([[1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    assert torch.allclose(grad[keep], base_grad[keep]) and (base_grad[keep] != 0).any()
+    assert torch.equal(grad[~keep], torch.zeros_like(grad[~keep]))
+    assert metrics["erc_masked_frac"].item() == pytest.approx(2 / 5)
+
+
+def test_erc_on_policy_masks_nothing():
+    g = torch.Generator().manual_seed(0)
+    logp = torch.randn(3, 5, generator=g, dtype=torch.float64).requires_grad_(True)
+    h = torch.rand(3, 5, generator=g, dtype=torch.float64) * 2
+    adv, mask = torch.randn(3, 1, generator=g).expand(3, 5).double(), torch.ones(3, 5, dtype=torch.float64)
+    for base in ("dapo", "gppo"):
+        _, metrics = ERC(base=base)(_batch(logp, logp.detach(), adv, mask, entropy=h, old_entropy=h.clone()))
+        assert metrics["erc_masked_frac"].item() == 0.0
+
+
+# (p = pi(a), p' = mu(a), A, mask)
+DPPO_CASES = [(0.5, 0.45, 1.0, 1), (0.9, 0.5, 1.0, 1), (0.2, 0.5, -1.0, 1), (0.6, 0.5, -1.0, 1), (0.3, 0.31, 2.0, 1),
+              (0.999, 0.01, 1.0, 1), (0.4, 0.6, 1.0, 1), (0.9, 0.2, -1.0, 0)]  # fmt: skip
+
+
+def _dppo_tensors():
+    p = torch.tensor([c[0] for c in DPPO_CASES], dtype=torch.float64)[None]
+    q = torch.tensor([c[1] for c in DPPO_CASES], dtype=torch.float64)[None]
+    logp = p.log().clone().requires_grad_(True)
+    adv = torch.tensor([c[2] for c in DPPO_CASES], dtype=torch.float64)[None]
+    mask = torch.tensor([c[3] for c in DPPO_CASES], dtype=torch.float64)[None]
+    return logp, q.log(), adv, mask
+
+
+def _brute_invalid(p, q, a, kind, d_low, d_high):
+    if kind == "binary_tv":
+        return (p - q > d_high) if a > 0 else (p - q < -d_low)
+    kl = q * math.log(q / p) + (1 - q) * math.log((1 - q + 1e-8) / (1 - p + 1e-8))
+    return (kl > d_high and p > q) if a > 0 else (kl > d_low and p < q)
+
+
+@pytest.mark.parametrize("kind,delta", [("binary_tv", 0.15), ("binary_kl", 0.05)])
+def test_dppo_mask_value_and_gradient(kind, delta):
+    logp, mu, adv, mask = _dppo_tensors()
+    cap, length = 10.0, 4.0
+    loss, metrics = DPPO(kind, tis_cap=cap, loss_scale_factor=length)(_batch(logp, logp.detach(), adv, mask, mu=mu))
+    invalid = [_brute_invalid(p, q, a, kind, delta, delta) for p, q, a, _ in DPPO_CASES]
+    assert any(invalid) and not all(invalid)  # the cases exercise both outcomes
+    weights = [min(p / q, cap) for p, q, _, _ in DPPO_CASES]
+    # seq-mean-token-sum-norm over one sequence: sum_t l_t m_t / (B * L)
+    want = sum(
+        -a * w * math.log(p) * (not inv) * m for (p, _, a, m), w, inv in zip(DPPO_CASES, weights, invalid, strict=True)
+    )
+    assert loss.item() == pytest.approx(want / length, rel=1e-12)
+    (grad,) = torch.autograd.grad(loss, logp)  # -A sg(min(r, C)) M, PPO's unclipped gradient inside the region
+    want_grad = [
+        -a * w * (not inv) * m / length for (_, _, a, m), w, inv in zip(DPPO_CASES, weights, invalid, strict=True)
+    ]
+    assert grad[0].tolist() == pytest.approx(want_grad, abs=1e-12)
+    n = sum(c[3] for c in DPPO_CASES)
+    pos = sum(inv and a > 0 and m for (_, _, a, m), inv in zip(DPPO_CASES, invalid, strict=True))
+    assert metrics["dppo_masked_pos"].item() == pytest.approx(pos / n)
+    assert metrics["tis_clipfrac"].item() == pytest.approx(1 / n)  # 0.999 / 0.01 > C
+
+
+def test_binary_kl_is_the_bernoulli_kl_and_tv_is_signed():
+    p, q = torch.tensor([0.3, 0.7]).double(), torch.tensor([0.5, 0.5]).double()
+    kl = binary_divergence(p.log(), q.log(), "binary_kl")
+    brute = [
+        b * math.log(b / a) + (1 - b) * math.log((1 - b) / (1 - a)) for a, b in zip(p.tolist(), q.tolist(), strict=True)
+    ]
+    assert kl.tolist() == pytest.approx(brute, rel=1e-6)
+    assert binary_divergence(p.log(), q.log(), "binary_tv").tolist() == pytest.approx([-0.2, 0.2])
+
+
+def test_dppo_anchors_on_the_sampler_not_pi_old():
+    logp, mu, adv, mask = _dppo_tensors()
+    far_old = logp.detach() - 5.0  # a very different pi_old must not change anything
+    a, _ = DPPO("binary_tv")(_batch(logp, far_old, adv, mask, mu=mu))
+    b, _ = DPPO("binary_tv")(_batch(logp, logp.detach(), adv, mask, mu=mu))
+    assert a.item() == b.item()
+
+
+def test_bad_names_are_refused():
+    with pytest.raises(ValueError, match="divergence"):
+        DPPO("tv")
+    with pytest.raises(ValueError, match="base"):
+        ERC(base="ppo")
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        GPPO(clip_ratio_c=0.5)(_batch(*_tensors(GPPO_CASES)))
+
+
+SEED_CONFIGS = ["ce_gppo.yaml", "erc.yaml", "dppo.yaml"]
+
+
+def _rows(log_dir):
+    import csv
+
+    with open(f"{log_dir}/metrics.csv") as f:
+        return [r for r in csv.DictReader(f) if r.get("train/reward/mean")]
+
+
+def _fit(cli_args, tmp_path, config, name, steps=2, extra=()):
+    import glob
+
+    from cappo_pl.cli import main
+
+    args = cli_args(config=config, steps=steps, extra=[f"--trainer.logger.init_args.name={name}", *extra])
+    main(args)
+    (log_dir,) = glob.glob(str(tmp_path / "runs" / name / "version_*"))
+    return _rows(log_dir)
+
+
+def test_erc_in_the_loop_masks_nothing_on_policy_and_reports_off_policy(cli_args, tmp_path):
+    on = _fit(cli_args, tmp_path, "configs/erc.yaml", "on", extra=["--model.ppo.minibatches=1"])
+    assert [float(r["train/policy/erc_masked_frac"]) for r in on] == [0.0, 0.0]  # old entropy == step-start entropy
+    off = _fit(cli_args, tmp_path, "configs/erc.yaml", "off")
+    assert all(0.0 <= float(r["train/policy/erc_masked_frac"]) <= 1.0 for r in off)
+
+
+@pytest.mark.parametrize("combiner", ["MGDA", "PCGrad"])
+@pytest.mark.parametrize("config", SEED_CONFIGS)
+def test_each_method_composes_with_entropy_and_kl_under_a_combiner(config, combiner, cli_args, tmp_path):
+    import os
+
+    import yaml
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = yaml.safe_load(open(os.path.join(root, "configs", config)))
+    cfg["model"]["objectives"] += [
+        {"class_path": "cappo_pl.objectives.EntropyBonus", "init_args": {"weight": 0.01}},
+        {"class_path": "cappo_pl.objectives.KLPenalty", "init_args": {"weight": 0.04}},
+    ]
+    cfg["model"]["combiner"] = {"class_path": f"cappo_pl.combiners.{combiner}"}
+    cfg["model"]["gradients"] = {"space": "params"}
+    path = tmp_path / "composed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    rows = _fit(cli_args, tmp_path, str(path), "composed", steps=1)
+    assert len(rows) == 1
+    for key in ("train/combiner/c_policy", "train/combiner/c_entropy", "train/combiner/c_kl"):
+        assert math.isfinite(float(rows[0][key]))
+    assert float(rows[0]["train/combiner/skipped_total"]) == 0.0
