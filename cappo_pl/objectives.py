@@ -106,3 +106,28 @@ class KLPenalty(Objective):
             raise RuntimeError("KLPenalty needs reference logprobs")
         kl = kl_penalty(batch.logp, batch.ref_logp, self.estimator)
         return agg_loss(kl, batch.mask, self.agg, batch.loss_scale_factor), {"kl": masked_mean(kl.detach(), batch.mask)}
+
+
+class PositiveNLL(Objective):
+    """NLL on the step's correct rollouts, ``L = agg_{i: correct}(-log pi(y_i,t))`` (Klear-Reasoner Eq. 13-14).
+
+    The extra term the CE-GPPO and ERC authors' scripts add (``positive_loss_coeff`` alpha = 0.1;
+    shared/reference/algorithms.md section 2.3). Samples that are not correct are out of the loss.
+
+    Args:
+        weight: alpha (0.1 in the release scripts).
+        agg: aggregation over the correct samples' tokens (token-mean in the scripts).
+        name: metric/controller name.
+
+    """
+
+    def __init__(self, weight: float = 0.1, agg: AggMode = "token-mean", name: str = "positive_nll") -> None:
+        super().__init__(name, weight)
+        self.agg = agg
+
+    def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        if batch.correct is None:
+            raise RuntimeError("PositiveNLL needs the samples' correctness")
+        mask = batch.mask * batch.correct[:, None].to(batch.mask.dtype)
+        loss = agg_loss(-batch.logp, mask, self.agg, batch.loss_scale_factor)
+        return loss, {"positive_frac": batch.correct.float().mean()}

@@ -161,7 +161,7 @@ def test_bad_names_are_refused():
         GPPO(clip_ratio_c=0.5)(_batch(*_tensors(GPPO_CASES)))
 
 
-SEED_CONFIGS = ["ce_gppo.yaml", "erc.yaml", "dppo.yaml"]
+SEED_CONFIGS = ["ce_gppo.yaml", "erc.yaml", "dppo.yaml", "gspo.yaml", "cispo.yaml"]
 
 
 def _rows(log_dir):
@@ -211,3 +211,54 @@ def test_each_method_composes_with_entropy_and_kl_under_a_combiner(config, combi
     for key in ("train/combiner/c_policy", "train/combiner/c_entropy", "train/combiner/c_kl"):
         assert math.isfinite(float(rows[0][key]))
     assert float(rows[0]["train/combiner/skipped_total"]) == 0.0
+
+
+def test_gspo_uses_the_sequence_ratio_with_per_token_gradients():
+    from cappo_pl.losses import gspo_loss
+
+    # sequence 0: log-ratios 0.1, 0.3: s = e^0.2 is outside the 1e-3 clip range, A > 0 takes the clipped branch;
+    # sequence 1: log-ratios 0, 0 (s = 1, unclipped); sequence 2: padding after one token
+    old = torch.zeros(3, 2, dtype=torch.float64)
+    logp = torch.tensor([[0.1, 0.3], [0.0, 0.0], [-0.0002, 5.0]], dtype=torch.float64).requires_grad_(True)
+    adv = torch.tensor([[1.0, 1.0], [2.0, 2.0], [-1.0, -1.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1], [1, 1], [1, 0]], dtype=torch.float64)
+    loss, metrics = gspo_loss(logp, old, adv, mask, 1e-3, 1e-3)
+    s = [math.exp(0.2), 1.0, math.exp(-0.0002)]
+    # per sequence: max(-A s, -A clip(s)); seq-mean-token-mean of a per-sequence constant is that constant
+    per_seq = [max(-a * v, -a * min(max(v, 1 - 1e-3), 1 + 1e-3)) for a, v in zip([1.0, 2.0, -1.0], s, strict=True)]
+    assert loss.item() == pytest.approx(sum(per_seq) / 3, rel=1e-12)
+    (grad,) = torch.autograd.grad(loss, logp)
+    # d/d logp_t: -A s_i / |y_i| / B where unclipped (sequences 1 and 2), 0 for the clipped sequence 0
+    want = [[0.0, 0.0], [-2.0 * 1.0 / 2 / 3] * 2, [1.0 * s[2] / 1 / 3, 0.0]]
+    assert grad.tolist() == [pytest.approx(row, abs=1e-12) for row in want]
+    assert metrics["clipfrac"].item() == pytest.approx(2 / 5)
+
+
+def test_cispo_weight_is_clipped_and_stop_gradient_and_every_token_gets_a_gradient():
+    from cappo_pl.losses import cispo_loss
+
+    r = torch.tensor([[0.5, 1.0, 3.0, 8.0]], dtype=torch.float64)
+    logp = r.log().clone().requires_grad_(True)
+    adv = torch.tensor([[1.0, -1.0, 1.0, 1.0]], dtype=torch.float64)
+    mask = torch.ones_like(r)
+    loss, metrics = cispo_loss(logp, torch.zeros_like(r), adv, mask, None, 5.0, "token-sum")
+    w = [0.5, 1.0, 3.0, 5.0]
+    assert loss.item() == pytest.approx(
+        sum(-wi * a * math.log(ri) for wi, a, ri in zip(w, [1, -1, 1, 1], r[0].tolist(), strict=True))
+    )
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert grad[0].tolist() == pytest.approx([-0.5, 1.0, -3.0, -5.0])  # -sg(w) A, never 0
+    assert metrics["clipfrac"].item() == pytest.approx(0.25)
+
+
+def test_positive_nll_counts_only_correct_samples():
+    from cappo_pl.objectives import PositiveNLL
+
+    logp = torch.log(torch.tensor([[0.5, 0.25], [0.1, 0.1]], dtype=torch.float64)).requires_grad_(True)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    batch = _batch(logp, logp.detach(), torch.zeros_like(logp), mask, correct=torch.tensor([True, False]))
+    loss, metrics = PositiveNLL(weight=0.1)(batch)
+    assert loss.item() == pytest.approx(-(math.log(0.5) + math.log(0.25)) / 2)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert grad.tolist() == [[-0.5, -0.5], [0.0, 0.0]]
+    assert metrics["positive_frac"].item() == 0.5

@@ -110,7 +110,17 @@ def test_quickstart_notebook_executes(run, tmp_path):
 
 @pytest.mark.parametrize(
     "config",
-    ["grpo.yaml", "ppo.yaml", "combiners/mgda.yaml", "combiners/pcgrad.yaml", "ce_gppo.yaml", "erc.yaml", "dppo.yaml"],
+    [
+        "grpo.yaml",
+        "ppo.yaml",
+        "combiners/mgda.yaml",
+        "combiners/pcgrad.yaml",
+        "ce_gppo.yaml",
+        "erc.yaml",
+        "dppo.yaml",
+        "gspo.yaml",
+        "cispo.yaml",
+    ],
 )
 def test_every_config_trains_two_steps(config, cli_args, tmp_path):
     args = cli_args(config=f"configs/{config}", steps=2, extra=["--trainer.logger.init_args.name=smoke"])

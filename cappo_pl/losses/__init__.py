@@ -7,9 +7,15 @@ from cappo_pl.losses.erc import ERC, entropy_ratio_keep, erc_loss
 from cappo_pl.losses.gppo import GPPO, gppo_loss, gppo_token_loss
 from cappo_pl.losses.kl import KLEstimator, kl_penalty
 from cappo_pl.losses.ppo import PPOClip, ppo_clip_loss, ppo_clip_token_loss
+from cappo_pl.losses.sequence import CISPO, GPG, GSPO, cispo_loss, gspo_loss
 
 __all__ = [
     "AGG_MODES",
+    "CISPO",
+    "GPG",
+    "GSPO",
+    "cispo_loss",
+    "gspo_loss",
     "DPPO",
     "ERC",
     "GPPO",
