@@ -201,6 +201,7 @@ def test_each_method_composes_with_entropy_and_kl_under_a_combiner(config, combi
     cfg["model"]["objectives"] += [
         {"class_path": "cappo_pl.objectives.EntropyBonus", "init_args": {"weight": 0.01}},
         {"class_path": "cappo_pl.objectives.KLPenalty", "init_args": {"weight": 0.04}},
+        {"class_path": "cappo_pl.objectives.PositiveNLL", "init_args": {"weight": 0.1}},
     ]
     cfg["model"]["combiner"] = {"class_path": f"cappo_pl.combiners.{combiner}"}
     cfg["model"]["gradients"] = {"space": "params"}
@@ -208,7 +209,13 @@ def test_each_method_composes_with_entropy_and_kl_under_a_combiner(config, combi
     path.write_text(yaml.safe_dump(cfg))
     rows = _fit(cli_args, tmp_path, str(path), "composed", steps=1)
     assert len(rows) == 1
-    for key in ("train/combiner/c_policy", "train/combiner/c_entropy", "train/combiner/c_kl"):
+    keys = (
+        "train/combiner/c_policy",
+        "train/combiner/c_entropy",
+        "train/combiner/c_kl",
+        "train/combiner/c_positive_nll",
+    )
+    for key in keys:
         assert math.isfinite(float(rows[0][key]))
     assert float(rows[0]["train/combiner/skipped_total"]) == 0.0
 
