@@ -161,7 +161,7 @@ def test_bad_names_are_refused():
         GPPO(clip_ratio_c=0.5)(_batch(*_tensors(GPPO_CASES)))
 
 
-SEED_CONFIGS = ["ce_gppo.yaml", "erc.yaml", "dppo.yaml", "gspo.yaml", "cispo.yaml"]
+SEED_CONFIGS = ["ce_gppo.yaml", "erc.yaml", "dppo.yaml", "gspo.yaml", "cispo.yaml", "clip_cov.yaml", "kl_cov.yaml"]
 
 
 def _rows(log_dir):
@@ -269,3 +269,57 @@ def test_positive_nll_counts_only_correct_samples():
     (grad,) = torch.autograd.grad(loss, logp)
     assert grad.tolist() == [[-0.5, -0.5], [0.0, 0.0]]
     assert metrics["positive_frac"].item() == 0.5
+
+
+def _cov_batch():
+    # 1 x 8 valid tokens + padding; the covariances are checkable by hand
+    logp = torch.tensor([[-0.1, -3.0, -0.2, -2.5, -1.0, -0.3, -4.0, -0.5, -9.0]], dtype=torch.float64)
+    adv = torch.tensor([[2.0, -2.0, 1.5, -1.0, 0.0, 3.0, 2.0, -1.0, 5.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.float64)
+    return logp, adv, mask
+
+
+def test_token_covariance_matches_the_definition():
+    from cappo_pl.losses import token_covariance
+
+    logp, adv, mask = _cov_batch()
+    lp, a = logp[0, :8].tolist(), adv[0, :8].tolist()
+    want = [(ai - sum(a) / 8) * (li - sum(lp) / 8) for ai, li in zip(a, lp, strict=True)]
+    got = token_covariance(logp, adv, mask)[0]
+    assert got[:8].tolist() == pytest.approx(want) and got[8].item() == -math.inf
+
+
+def test_kl_cov_penalises_exactly_the_top_covariance_tokens():
+    from cappo_pl.losses import kl_cov_loss, token_covariance
+
+    logp, adv, mask = _cov_batch()
+    old = logp - 0.1  # log r = 0.1 everywhere
+    x = logp.clone().requires_grad_(True)
+    loss, metrics = kl_cov_loss(x, old, adv, mask, ratio=0.25, beta=1.0, agg="token-sum")  # 2 of 8 tokens
+    cov = token_covariance(logp, adv, mask)[0]
+    top = set(torch.topk(cov, 2).indices.tolist())
+    r = math.exp(0.1)
+    want = sum(-a * r + (0.1 if t in top else 0.0) for t, a in enumerate(adv[0, :8].tolist()))
+    assert loss.item() == pytest.approx(want)
+    (grad,) = torch.autograd.grad(loss, x)  # d/dlogp: -A r, plus beta sign(log r) on the penalised tokens
+    want_grad = [(-a * r + (1.0 if t in top else 0.0)) if t < 8 else 0.0 for t, a in enumerate(adv[0].tolist())]
+    assert grad[0].tolist() == pytest.approx(want_grad)
+    assert metrics["cov_penalised_frac"].item() == pytest.approx(0.25)
+
+
+def test_clip_cov_drops_random_in_band_candidates_only():
+    from cappo_pl.losses import clip_cov_loss, token_covariance
+
+    logp, adv, mask = _cov_batch()
+    cov = token_covariance(logp, adv, mask)[0]
+    band = {t for t in range(8) if 1.0 < cov[t].item() < 5.0}
+    assert 2 <= len(band) < 8  # the data has in-band and out-of-band tokens
+    for seed in range(5):
+        x = logp.clone().requires_grad_(True)
+        loss, metrics = clip_cov_loss(x, logp, adv, mask, torch.Generator().manual_seed(seed), ratio=0.125)
+        (grad,) = torch.autograd.grad(loss, x)
+        dropped = {t for t in range(8) if grad[0, t].item() == 0.0 and adv[0, t].item() != 0.0}
+        assert len(dropped) == 1 and dropped <= band  # max(1, floor(0.125 x 8)) = 1, from the band
+        kept = [-a for t, a in enumerate(adv[0, :8].tolist()) if t not in dropped]  # r = 1: -A r, token-mean
+        assert loss.item() == pytest.approx(sum(kept) / 8)
+        assert metrics["cov_dropped_frac"].item() == pytest.approx(1 / 8)

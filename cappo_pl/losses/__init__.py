@@ -2,6 +2,7 @@
 
 from cappo_pl.losses.aggregation import AGG_MODES, AggMode, agg_loss, masked_mean
 from cappo_pl.losses.base import PolicyLoss, TokenBatch
+from cappo_pl.losses.cov import ClipCov, KLCov, clip_cov_loss, kl_cov_loss, token_covariance
 from cappo_pl.losses.dppo import DPPO, binary_divergence, dppo_loss
 from cappo_pl.losses.erc import ERC, entropy_ratio_keep, erc_loss
 from cappo_pl.losses.gppo import GPPO, gppo_loss, gppo_token_loss
@@ -12,6 +13,11 @@ from cappo_pl.losses.sequence import CISPO, GPG, GSPO, cispo_loss, gspo_loss
 __all__ = [
     "AGG_MODES",
     "CISPO",
+    "ClipCov",
+    "KLCov",
+    "clip_cov_loss",
+    "kl_cov_loss",
+    "token_covariance",
     "GPG",
     "GSPO",
     "cispo_loss",
