@@ -13,5 +13,5 @@ class RewardError(CappoError):
     """A reward function raised or returned something unusable; the message names it and the sample."""
 
 
-class ConfigError(CappoError):
+class ConfigError(CappoError, ValueError):
     """A configuration value that cannot work; the message names the config key."""

@@ -20,6 +20,7 @@ from torch import Tensor
 from cappo_pl.advantages import GRPO, AdvantageEstimator, zero_std_group_fraction
 from cappo_pl.combiners import Combiner, Scalarized
 from cappo_pl.data.records import PromptBatch, Record, reward_fields
+from cappo_pl.errors import ConfigError
 from cappo_pl.gradients import GradientConfig, check_space, combined_backward, gram_metrics
 from cappo_pl.losses.aggregation import masked_mean
 from cappo_pl.losses.base import TokenBatch
@@ -125,7 +126,10 @@ class RLModule(pl.LightningModule):
         self.optim = optim or OptimConfig()
         self.val_samples, self.seed = val_samples, seed
         self.srr_cfg = srr or SRRConfig()
-        self.srr = SupportRetentionRatio(self.srr_cfg.thresholds, self.srr_cfg.relative_threshold)
+        try:
+            self.srr = SupportRetentionRatio(self.srr_cfg.thresholds, self.srr_cfg.relative_threshold)
+        except ValueError as err:
+            raise ConfigError(f"model.srr: {err}") from None
         self.references: ReferenceSet | None = None
         self.initial_srr: dict[str, float] = {}
         if self.rollout_cfg.top_p < 1.0:

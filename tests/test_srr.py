@@ -206,3 +206,14 @@ def test_prompts_without_references_get_sampled_ones_kept_in_the_checkpoint(cli_
     with open(f"{log_dir}/metrics.csv") as f:
         header = f.readline()
     assert "val/srr" in header and "val/srr_rel" in header
+
+
+def test_a_bad_threshold_is_a_one_line_error_naming_the_key(capsys):
+    from cappo_pl.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "cappo.yaml")
+        main(["fit", "--config", config, "--model.srr.thresholds=[0]"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: model.srr:") and "(0, 1]" in err[-1]

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 from cappo_pl.callbacks.control import WeightController
+from cappo_pl.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -86,9 +87,13 @@ class _EntropyTarget(WeightController):
     def __init__(self, objective: str, target: float | None, target_ratio: float | None) -> None:
         super().__init__(objective)
         if target is not None and target_ratio is not None:
-            raise ValueError("entropy controller: give exactly one of `target` (nats) or `target_ratio`")
+            raise ConfigError(
+                "trainer.callbacks: entropy controller: give exactly one of `target` (nats) or `target_ratio`"
+            )
         if (target is not None and target <= 0) or (target_ratio is not None and target_ratio <= 0):
-            raise ValueError(f"entropy controller: target must be > 0, got target={target}, ratio={target_ratio}")
+            raise ConfigError(
+                f"trainer.callbacks: entropy controller: target must be > 0, got target={target}, ratio={target_ratio}"
+            )
         self.target_abs, self.target_ratio = target, target_ratio
         self.target = target
         self.initial_entropy: float | None = None
@@ -147,8 +152,10 @@ class EntropyController(_EntropyTarget):
             target_ratio = 1.0  # the reconstruction's default: hold the SFT policy's entropy
         super().__init__(objective, target, target_ratio)
         if not 0 < coef_min <= initial_coef <= coef_max:
-            raise ValueError(f"EntropyController: need 0 < coef_min <= initial_coef <= coef_max, got "
-                             f"{coef_min}, {initial_coef}, {coef_max}")  # fmt: skip
+            got = f"{coef_min}, {initial_coef}, {coef_max}"
+            raise ConfigError(
+                f"trainer.callbacks: EntropyController: need 0 < coef_min <= initial_coef <= coef_max, {got}"
+            )
         self.initial_coef, self.coef_min, self.coef_max = initial_coef, coef_min, coef_max
         self.kp, self.ki, self.warmup_steps, self.gate = kp, ki, warmup_steps, gate
         self.coef = initial_coef

@@ -11,6 +11,7 @@ estimate of KL(pi_old || pi_ref) over the step's rollouts, before the update.
 from __future__ import annotations
 
 from cappo_pl.callbacks.control import WeightController
+from cappo_pl.errors import ConfigError
 
 
 def adaptive_kl_step(beta: float, kl: float, target: float, n_steps: int, horizon: int) -> float:
@@ -50,8 +51,8 @@ class AdaptiveKLController(WeightController):
         super().__init__(objective)
         self.gate = gate
         if init_coef <= 0 or target <= 0 or horizon <= 0:
-            raise ValueError(f"AdaptiveKLController: init_coef, target and horizon must be > 0, got "
-                             f"{init_coef}, {target}, {horizon}")  # fmt: skip
+            got = f"{init_coef}, {target}, {horizon}"
+            raise ConfigError(f"trainer.callbacks: AdaptiveKLController: init_coef, target, horizon must be > 0: {got}")
         self.coef, self.target, self.horizon = init_coef, target, horizon
         self._n_steps = 0
 

@@ -4,7 +4,7 @@ from cappo_pl.losses.aggregation import AGG_MODES, AggMode, agg_loss, masked_mea
 from cappo_pl.losses.base import PolicyLoss, TokenBatch
 from cappo_pl.losses.cov import ClipCov, KLCov, clip_cov_loss, kl_cov_loss, token_covariance
 from cappo_pl.losses.dppo import DPPO, binary_divergence, dppo_loss
-from cappo_pl.losses.erc import ERC, entropy_ratio_keep, erc_loss
+from cappo_pl.losses.erc import ERC, entropy_ratio, entropy_ratio_keep, erc_loss
 from cappo_pl.losses.gppo import GPPO, gppo_loss, gppo_token_loss
 from cappo_pl.losses.kl import KLEstimator, kl_penalty
 from cappo_pl.losses.ppo import PPOClip, ppo_clip_loss, ppo_clip_token_loss
@@ -28,6 +28,7 @@ __all__ = [
     "AggMode",
     "binary_divergence",
     "dppo_loss",
+    "entropy_ratio",
     "entropy_ratio_keep",
     "erc_loss",
     "gppo_loss",

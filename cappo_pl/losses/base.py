@@ -48,6 +48,11 @@ class PolicyLoss:
     """
 
     agg: AggMode = "token-mean"
+    loss_scale_factor: float | None = None
+
+    def scale_factor(self, batch: TokenBatch) -> float | None:
+        """L of ``seq-mean-token-sum-norm``: the loss's own setting, else the batch's (max_new_tokens)."""
+        return self.loss_scale_factor if self.loss_scale_factor is not None else batch.loss_scale_factor
 
     def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError

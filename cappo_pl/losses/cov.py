@@ -130,7 +130,7 @@ class ClipCov(PolicyLoss):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + content)
         return clip_cov_loss(
             batch.logp, batch.old_logp, batch.advantages, batch.mask, gen, self.ratio, self.cov_lb, self.cov_ub,
-            self.eps_low, self.eps_high, self.agg, batch.loss_scale_factor,
+            self.eps_low, self.eps_high, self.agg, self.scale_factor(batch),
         )  # fmt: skip
 
 
@@ -150,5 +150,5 @@ class KLCov(PolicyLoss):
     def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
         return kl_cov_loss(
             batch.logp, batch.old_logp, batch.advantages, batch.mask, self.ratio, self.beta, self.agg,
-            batch.loss_scale_factor,
+            self.scale_factor(batch),
         )  # fmt: skip

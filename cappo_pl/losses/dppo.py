@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from cappo_pl.errors import ConfigError
 from cappo_pl.losses.aggregation import AggMode, agg_loss, masked_mean
 from cappo_pl.losses.base import PolicyLoss, TokenBatch
 
@@ -113,14 +114,16 @@ class DPPO(PolicyLoss):
     ) -> None:
         default = {"binary_tv": 0.15, "binary_kl": 0.05}
         if divergence not in default:
-            raise ValueError(f"DPPO divergence must be one of {sorted(default)}, got {divergence!r}")
+            raise ConfigError(
+                f"model.objectives: loss DPPO: divergence must be one of {sorted(default)}, got {divergence!r}"
+            )
         self.divergence = divergence
         self.delta_low = default[divergence] if delta_low is None else delta_low
         self.delta_high = default[divergence] if delta_high is None else delta_high
         self.tis_cap, self.agg, self.loss_scale_factor = tis_cap, agg, loss_scale_factor
 
     def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        lsf = self.loss_scale_factor if self.loss_scale_factor is not None else batch.loss_scale_factor
+        lsf = self.scale_factor(batch)
         return dppo_loss(
             batch.logp, batch.rollout_logp, batch.advantages, batch.mask, self.divergence,
             self.delta_low, self.delta_high, self.tis_cap, self.agg, lsf,

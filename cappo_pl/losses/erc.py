@@ -18,15 +18,21 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from cappo_pl.errors import ConfigError
 from cappo_pl.losses.aggregation import AggMode, agg_loss, masked_mean
 from cappo_pl.losses.base import PolicyLoss, TokenBatch
 from cappo_pl.losses.gppo import gppo_metrics, gppo_token_loss
 from cappo_pl.losses.ppo import ppo_clip_token_loss
 
 
+def entropy_ratio(entropy: Tensor, old_entropy: Tensor) -> Tensor:
+    """ERC's ``rho = (H + 1e-8) / (H_old + 1e-8)`` (B, T), detached (no gradient flows through it)."""
+    return (entropy.detach() + 1e-8) / (old_entropy.detach() + 1e-8)
+
+
 def entropy_ratio_keep(entropy: Tensor, old_entropy: Tensor, beta_low: float, beta_high: float) -> Tensor:
-    """ERC's keep mask (B, T) bool: ``1 - beta_low < (H + 1e-8) / (H_old + 1e-8) < 1 + beta_high``."""
-    rho = (entropy.detach() + 1e-8) / (old_entropy.detach() + 1e-8)
+    """ERC's keep mask (B, T) bool: ``1 - beta_low < rho < 1 + beta_high`` (strict)."""
+    rho = entropy_ratio(entropy, old_entropy)
     return (rho > 1.0 - beta_low) & (rho < 1.0 + beta_high)
 
 
@@ -51,7 +57,7 @@ def erc_loss(
     per_token = torch.where(keep, base_per_token, base_per_token.detach())
     loss = agg_loss(per_token, mask, agg, loss_scale_factor)
     with torch.no_grad():
-        rho = (entropy + 1e-8) / (old_entropy + 1e-8)
+        rho = entropy_ratio(entropy, old_entropy)
         metrics = {"erc_masked_frac": masked_mean((~keep).float(), mask), "entropy_ratio": masked_mean(rho, mask)}
     return loss, metrics
 
@@ -85,7 +91,7 @@ class ERC(PolicyLoss):
         loss_scale_factor: float | None = None,
     ) -> None:
         if base not in ("dapo", "gppo"):
-            raise ValueError(f"ERC base must be 'dapo' or 'gppo', got {base!r}")
+            raise ConfigError(f"model.objectives: loss ERC: base must be 'dapo' or 'gppo', got {base!r}")
         self.base, self.beta_low, self.beta_high = base, beta_low, beta_high
         self.eps_low, self.eps_high, self.clip_ratio_c = eps_low, eps_high, clip_ratio_c
         self.agg, self.loss_scale_factor = agg, loss_scale_factor
@@ -98,7 +104,7 @@ class ERC(PolicyLoss):
             per_token, regions = gppo_token_loss(*args, 1.0, 1.0, self.eps_low, self.eps_high, self.clip_ratio_c)
         else:
             per_token, regions = ppo_clip_token_loss(*args, self.eps_low, self.eps_high, self.clip_ratio_c)
-        lsf = self.loss_scale_factor if self.loss_scale_factor is not None else batch.loss_scale_factor
+        lsf = self.scale_factor(batch)
         loss, metrics = erc_loss(
             per_token, batch.entropy, batch.old_entropy, batch.mask, self.beta_low, self.beta_high, self.agg, lsf
         )

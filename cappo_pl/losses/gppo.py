@@ -119,7 +119,7 @@ class GPPO(PolicyLoss):
         self.clip_ratio_c, self.agg, self.loss_scale_factor = clip_ratio_c, agg, loss_scale_factor
 
     def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        lsf = self.loss_scale_factor if self.loss_scale_factor is not None else batch.loss_scale_factor
+        lsf = self.scale_factor(batch)
         return gppo_loss(
             batch.logp, batch.old_logp, batch.advantages, batch.mask, self.beta1, self.beta2,
             self.eps_low, self.eps_high, self.clip_ratio_c, self.agg, lsf,

@@ -127,5 +127,5 @@ class PPOClip(PolicyLoss):
             self.eps_high,
             self.clip_ratio_c,
             self.agg,
-            self.loss_scale_factor if self.loss_scale_factor is not None else batch.loss_scale_factor,
+            self.scale_factor(batch),
         )

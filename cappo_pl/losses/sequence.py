@@ -105,7 +105,7 @@ class CISPO(PolicyLoss):
         self.ratio_min, self.ratio_max, self.agg, self.loss_scale_factor = ratio_min, ratio_max, agg, loss_scale_factor
 
     def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        lsf = self.loss_scale_factor if self.loss_scale_factor is not None else batch.loss_scale_factor
+        lsf = self.scale_factor(batch)
         return cispo_loss(
             batch.logp, batch.old_logp, batch.advantages, batch.mask, self.ratio_min, self.ratio_max, self.agg, lsf
         )
@@ -124,5 +124,5 @@ class GPG(PolicyLoss):
         self.agg, self.loss_scale_factor = agg, loss_scale_factor
 
     def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        lsf = self.loss_scale_factor if self.loss_scale_factor is not None else batch.loss_scale_factor
+        lsf = self.scale_factor(batch)
         return agg_loss(-batch.advantages * batch.logp, batch.mask, self.agg, lsf), {}
