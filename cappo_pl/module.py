@@ -25,21 +25,15 @@ from cappo_pl.gradients import GradientConfig, check_space, combined_backward, g
 from cappo_pl.losses.aggregation import masked_mean
 from cappo_pl.losses.base import TokenBatch
 from cappo_pl.losses.kl import kl_penalty
-from cappo_pl.metrics import SupportRetentionRatio, mean_token_logprob
+from cappo_pl.metrics import SupportRetentionRatio
 from cappo_pl.models import PolicyConfig, build_char_tokenizer, build_tiny_model, freeze, load_pretrained
 from cappo_pl.objectives import Objective, PolicyObjective
-from cappo_pl.references import (
-    ReferenceSet,
-    SRRConfig,
-    build_reference_set,
-    flatten,
-    reference_logprobs,
-    sample_references,
-)
+from cappo_pl.references import ReferenceSet, SRRConfig
 from cappo_pl.rewards.base import call_reward
 from cappo_pl.rollout import Rollout, RolloutConfig, sample
 from cappo_pl.scoring import Scores, check_head_matches_forward, score_completions
 from cappo_pl.sft import ensure_sft_checkpoint, sft_cache_key
+from cappo_pl.srr_hooks import SRRHooks
 
 
 @dataclass
@@ -76,7 +70,7 @@ class OptimConfig:
     """Optimizer steps of linear warm-up."""
 
 
-class RLModule(pl.LightningModule):
+class RLModule(SRRHooks, pl.LightningModule):
     """RL fine-tuning of a causal LM with pluggable objectives.
 
     Args:
@@ -388,74 +382,6 @@ class RLModule(pl.LightningModule):
         self.log("val/response_length/mean", ro.completion_mask.sum(-1).mean(), batch_size=size, sync_dist=True)
         if self.references is not None:
             self._srr_update(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        if self.references is not None and self.srr.total > 0:
-            for key, value in self.srr.compute_all().items():  # already summed over ranks (exact)
-                self.log(f"val/{key}", value.float(), sync_dist=False)
-        self.srr.reset()
-
-    # ------------------------------------------------------------------------------------- SRR
-    def _val_records(self) -> list[Record]:
-        dm = self.trainer.datamodule
-        if not hasattr(dm, "val_records"):  # a custom DataModule: no record-aligned validation, so no SRR
-            return []
-        return dm.val_records()
-
-    def _ensure_references(self) -> None:
-        """Build the SRR reference set and score it under the current (initial) policy, once per run."""
-        if not self.srr_cfg.enabled or self.references is not None:
-            return
-        records = self._val_records()
-        if not records:
-            return
-        was_training = self.policy.training
-        self.policy.eval()
-        cfg = self.srr_cfg
-        sampler = lambda prompts: sample_references(  # noqa: E731
-            self.policy, self.tokenizer, prompts, cfg.sampled_per_prompt, self.rollout_cfg, self.seed + 7, self.device
-        )
-        refs = build_reference_set(records, cfg, sampler)
-        prompts, comps, ids = flatten(refs, records, range(len(records)))
-        scores = torch.cat([mean_token_logprob(lp, m) for lp, m in self._teacher_force(prompts, comps)]).cpu()
-        ids_t = torch.tensor(ids)
-        refs.sft_scores = [scores[ids_t == i] for i in range(len(records))]
-        self.references = refs
-        self.policy.train(was_training)
-
-    def _teacher_force(self, prompts: list[str], comps: list[str]) -> list[tuple[Tensor, Tensor]]:
-        return reference_logprobs(
-            self.policy, self.tokenizer, prompts, comps, self.rollout_cfg.temperature,
-            self.srr_cfg.batch_size, self.ppo.score_chunk_tokens, self.device,
-        )  # fmt: skip
-
-    def _log_initial_srr(self) -> None:
-        """``val/srr*`` of the initial policy at RL step 0, from the scores taken before the first update."""
-        if self.references is None or not self.references.sft_scores:
-            return
-        metric = SupportRetentionRatio(self.srr_cfg.thresholds, self.srr_cfg.relative_threshold)
-        for i, scores in enumerate(self.references.sft_scores):
-            if scores.numel():
-                ones = torch.ones(scores.numel(), 1)
-                metric.update(scores[:, None], ones, scores, torch.full((scores.numel(),), i))
-        if metric.total > 0 and self.trainer.is_global_zero:
-            # straight to the loggers: ``self.log`` would repeat a once-logged value on every later step
-            values = {f"val/{k}": float(v) for k, v in metric.compute_all().items()}
-            self.initial_srr = values
-            for logger in self.loggers:
-                logger.log_metrics(values, step=0)  # RL step 0, the first batch
-
-    def _srr_update(self, batch: PromptBatch) -> None:
-        rows = range(batch.index, batch.index + len(batch))
-        prompts, comps, ids = flatten(self.references, self._val_records(), rows)
-        if not comps:
-            return
-        sft = torch.cat([self.references.sft_scores[i] for i in rows]).to(self.device)
-        start = 0
-        for logp, mask in self._teacher_force(prompts, comps):
-            end = start + logp.shape[0]
-            self.srr.update(logp, mask, sft[start:end], torch.tensor(ids[start:end], device=self.device))
-            start = end
 
     def rollout_cfg_for_val(self) -> RolloutConfig:
         """Validation samples ``val_samples`` completions per prompt with the training temperature."""
