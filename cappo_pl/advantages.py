@@ -155,10 +155,15 @@ class ReinforcePlusPlus(AdvantageEstimator):
         return reinforce_pp_advantages(rewards, group_size, self.eps, self.group_baseline, valid)
 
 
-def zero_std_group_fraction(rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
-    """Fraction of groups whose valid rewards are all equal (they carry no GRPO signal)."""
+def zero_std_groups(rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
+    """(N / G,) bool: groups whose valid rewards are all equal, or that have none (no GRPO signal)."""
     s, m = _prepare(rewards, valid)
     g, gm = _groups(s, group_size), _groups(m, group_size).bool()
     hi = torch.where(gm, g, torch.full_like(g, -torch.inf)).max(-1).values
     lo = torch.where(gm, g, torch.full_like(g, torch.inf)).min(-1).values
-    return ((hi <= lo) | ~gm.any(-1)).float().mean()
+    return (hi <= lo) | ~gm.any(-1)
+
+
+def zero_std_group_fraction(rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
+    """Fraction of groups whose valid rewards are all equal (they carry no GRPO signal)."""
+    return zero_std_groups(rewards, group_size, valid).float().mean()

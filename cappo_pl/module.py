@@ -21,6 +21,7 @@ from cappo_pl.advantages import GRPO, AdvantageEstimator, zero_std_group_fractio
 from cappo_pl.combiners import Combiner, Scalarized
 from cappo_pl.data.records import PromptBatch, Record, reward_fields
 from cappo_pl.errors import ConfigError
+from cappo_pl.experience import DynamicSamplingConfig, Generation, OverlongConfig, collect_experience
 from cappo_pl.gradients import GradientConfig, check_space, combined_backward, gram_metrics
 from cappo_pl.losses.aggregation import masked_mean
 from cappo_pl.losses.base import TokenBatch
@@ -83,6 +84,8 @@ class RLModule(SRRHooks, pl.LightningModule):
         ppo: epochs, mini-batches, clipping.
         optim: optimizer settings.
         val_samples: completions per held-out prompt in validation.
+        dynamic_sampling: DAPO's dynamic sampling (off by default).
+        overlong: DAPO's overlong reward shaping and filtering (off by default).
         srr: the Support Retention Ratio computed in validation (CaPPO).
         monitor_kl: load the reference to log ``train/policy/kl_ref`` even when no objective needs it.
         seed: seed of sampling and mini-batch order (combined with the step index and rank).
@@ -100,6 +103,8 @@ class RLModule(SRRHooks, pl.LightningModule):
         ppo: PPOConfig | None = None,
         optim: OptimConfig | None = None,
         val_samples: int = 4,
+        dynamic_sampling: DynamicSamplingConfig | None = None,
+        overlong: OverlongConfig | None = None,
         srr: SRRConfig | None = None,
         monitor_kl: bool = False,
         seed: int = 0,
@@ -119,6 +124,13 @@ class RLModule(SRRHooks, pl.LightningModule):
         self.ppo = ppo or PPOConfig()
         self.optim = optim or OptimConfig()
         self.val_samples, self.seed = val_samples, seed
+        self.dynamic_sampling = dynamic_sampling or DynamicSamplingConfig()
+        self.overlong = overlong or OverlongConfig()
+        if self.overlong.buffer_len < 0 or self.overlong.buffer_len > self.rollout_cfg.max_new_tokens:
+            raise ConfigError(
+                f"model.overlong.buffer_len: must be in [0, model.rollout.max_new_tokens="
+                f"{self.rollout_cfg.max_new_tokens}], got {self.overlong.buffer_len}"
+            )
         self.srr_cfg = srr or SRRConfig()
         try:
             self.srr = SupportRetentionRatio(self.srr_cfg.thresholds, self.srr_cfg.relative_threshold)
@@ -180,6 +192,13 @@ class RLModule(SRRHooks, pl.LightningModule):
         """The frozen reference policy (None when nothing needs it)."""
         return self._reference[0] if self._reference else None
 
+    def on_train_start(self) -> None:
+        if self.dynamic_sampling.enabled and not hasattr(self.trainer.train_dataloader, "extra_batch"):
+            raise ConfigError(
+                "model.dynamic_sampling: the DataModule's train stream has no extra_batch(index, k) to draw "
+                "more prompts from (RLDataModule's PromptStream has one)"
+            )
+
     def on_fit_start(self) -> None:
         if self.reference is not None:
             self.reference.to(self.device)
@@ -211,6 +230,13 @@ class RLModule(SRRHooks, pl.LightningModule):
         )  # fmt: skip
         return ro, self.tokenizer.batch_decode(ro.completion_ids, skip_special_tokens=True)
 
+    def _generate(self, records: list[Record], index: int, k: int) -> Generation:
+        """Generation batch ``k`` of RL step ``index``: rollouts and validated task rewards."""
+        ro, texts = self._rollout(records, self.rollout_cfg, self._generator(index, 0 if k == 0 else 10 + k))
+        rewards, valid = self._rewards(records, texts, self.rollout_cfg.group_size)
+        correct = (rewards >= self.ppo.success_threshold) & valid
+        return Generation(records, ro, texts, rewards, valid, correct)
+
     def _rewards(self, records: list[Record], texts: list[str], group: int) -> tuple[Tensor, Tensor]:
         prompts = [r.prompt for r in records for _ in range(group)]
         fields = reward_fields(records, group)
@@ -234,12 +260,17 @@ class RLModule(SRRHooks, pl.LightningModule):
         cfg, group = self.rollout_cfg, self.rollout_cfg.group_size
         t0 = time.perf_counter()
 
-        # 1. Rollout: G completions per prompt, keeping the sampler's logprobs (mu).
-        ro, texts = self._rollout(batch.records, cfg, self._generator(batch.index, 0))
+        # 1-2. Rollouts (G per prompt, with the sampler's logprobs mu) and rewards; DAPO's overlong
+        # shaping and dynamic sampling when configured (experience.py).
+        exp = collect_experience(
+            batch.records, lambda records, k: self._generate(records, batch.index, k),
+            lambda k: self.trainer.train_dataloader.extra_batch(batch.index, k).records,
+            group, cfg.max_new_tokens, self.tokenizer.pad_token_id, self.dynamic_sampling, self.overlong,
+        )  # fmt: skip
+        ro, rewards, valid, correct, mask = exp.rollout, exp.rewards, exp.valid, exp.correct, exp.mask
         t1 = time.perf_counter()
 
-        # 2. Rewards (validated), 3. pi_old (+ entropy) and reference scores.
-        rewards, valid = self._rewards(batch.records, texts, group)
+        # 3. pi_old (+ entropy) and reference scores.
         with torch.no_grad():
             ref_logp = self._score(self.reference, ro).logp if self.reference is not None else None
         # With one update per step pi_old IS the update's own forward (verl: old = logp.detach()), so the
@@ -251,12 +282,10 @@ class RLModule(SRRHooks, pl.LightningModule):
         else:
             with torch.no_grad():
                 old = self._score(self.policy, ro)
-        mask = ro.completion_mask * valid.unsqueeze(-1)
 
         # 4. Advantages per sequence, broadcast over its tokens; skipped samples carry none.
         adv_seq = self.advantage(rewards, group, valid)
         advantages = adv_seq.unsqueeze(-1).expand_as(mask)
-        correct = rewards >= self.ppo.success_threshold
         t2 = time.perf_counter()
 
         # 5. PPO epochs x mini-batches: one optimizer step each.
@@ -299,9 +328,9 @@ class RLModule(SRRHooks, pl.LightningModule):
         # 6. Metrics, the sample table, and the stream position (for exact resume).
         if batch.index == 0:
             self._log_initial_srr()
-        self._log_step(batch, ro, rewards, valid, correct, old, ref_logp, mask, update_metrics, (t0, t1, t2, t3))
+        self._log_step(batch, exp, old, ref_logp, update_metrics, (t0, t1, t2, t3))
         self.last_samples = [
-            {"prompt": batch.records[i // group].prompt, "completion": texts[i], "reward": float(rewards[i])}
+            {"prompt": exp.records[i // group].prompt, "completion": exp.texts[i], "reward": float(rewards[i])}
             for i in range(0, n, max(1, group // 2))
         ][:8]
         stream = self.trainer.train_dataloader
@@ -341,8 +370,9 @@ class RLModule(SRRHooks, pl.LightningModule):
         norms = [p.grad.detach().norm() for p in self.policy.parameters() if p.grad is not None]
         return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=self.device)
 
-    def _log_step(self, batch, ro, rewards, valid, correct, old, ref_logp, mask, update_metrics, times) -> None:
+    def _log_step(self, batch, exp, old, ref_logp, update_metrics, times) -> None:
         group = self.rollout_cfg.group_size
+        ro, rewards, valid, correct, mask = exp.rollout, exp.rewards, exp.valid, exp.correct, exp.mask
         lengths = ro.completion_mask.sum(-1)
         logs: dict[str, Any] = {
             "train/reward/mean": rewards[valid].mean() if valid.any() else torch.tensor(float("nan")),
@@ -359,6 +389,7 @@ class RLModule(SRRHooks, pl.LightningModule):
             "train/time/rollout_s": torch.tensor(times[1] - times[0]),
             "train/time/score_s": torch.tensor(times[2] - times[1]),
             "train/time/update_s": torch.tensor(times[3] - times[2]),
+            **{f"train/{k}": v for k, v in exp.stats.items()},
         }
         if ref_logp is not None:
             logs["train/policy/kl_ref"] = masked_mean(kl_penalty(old.logp, ref_logp, "k3"), mask)

@@ -73,6 +73,37 @@ class Rollout:
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
         return Rollout(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
 
+    @staticmethod
+    def cat(parts: list[Rollout], pad_id: int) -> Rollout:
+        """Stack rollouts row-wise, left-padding prompts and right-padding completions to a common width.
+
+        The padding is masked (prompt mask 0, completion mask 0, logprobs 0), and positions are
+        derived from the mask, so a row scores the same before and after.
+        """
+        if len(parts) == 1:
+            return parts[0]
+        p_len = max(r.prompt_ids.shape[1] for r in parts)
+        t_len = max(r.completion_ids.shape[1] for r in parts)
+
+        def pad(t: Tensor, width: int, value: float, left: bool) -> Tensor:
+            extra = width - t.shape[1]
+            if extra == 0:
+                return t
+            filler = torch.full((t.shape[0], extra, *t.shape[2:]), value, dtype=t.dtype, device=t.device)
+            return torch.cat([filler, t] if left else [t, filler], dim=1)
+
+        has_topk = all(r.topk_ids is not None for r in parts)
+        return Rollout(
+            prompt_ids=torch.cat([pad(r.prompt_ids, p_len, pad_id, True) for r in parts]),
+            prompt_mask=torch.cat([pad(r.prompt_mask, p_len, 0, True) for r in parts]),
+            completion_ids=torch.cat([pad(r.completion_ids, t_len, pad_id, False) for r in parts]),
+            completion_mask=torch.cat([pad(r.completion_mask, t_len, 0, False) for r in parts]),
+            rollout_logp=torch.cat([pad(r.rollout_logp, t_len, 0, False) for r in parts]),
+            truncated=torch.cat([r.truncated for r in parts]),
+            topk_ids=torch.cat([pad(r.topk_ids, t_len, pad_id, False) for r in parts]) if has_topk else None,
+            topk_logp=torch.cat([pad(r.topk_logp, t_len, 0, False) for r in parts]) if has_topk else None,
+        )
+
 
 def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     """Set logits outside the smallest set with cumulative probability >= top_p to -inf (keeps >= 1)."""

@@ -38,6 +38,16 @@ class PromptStream:
         picks = order[slot * self.batch_size : (slot + 1) * self.batch_size]
         return PromptBatch([self.records[i] for i in picks], index)
 
+    def extra_batch(self, index: int, k: int) -> PromptBatch:
+        """The ``k``-th (k >= 1) extra generation batch of step ``index``, for DAPO's dynamic sampling.
+
+        A pure function of ``(seed, index, k)``: uniform prompts without replacement, drawn apart from
+        the main order (which it does not advance), so a resumed run draws the same extras.
+        """
+        rng = random.Random((self.seed * 1_000_003 + index) * 1009 + k)
+        picks = rng.sample(range(len(self.records)), self.batch_size)
+        return PromptBatch([self.records[i] for i in picks], index)
+
     def __len__(self) -> int:
         return self.steps_per_epoch
 
