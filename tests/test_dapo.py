@@ -110,8 +110,9 @@ def test_reward_metric_sees_the_length_penalty_and_accuracy_does_not():
 def test_overlong_filter_masks_truncated_completions_and_skipped_rewards():
     gen = _gen(_records(0, 1), [1, 0, 1, 0], [3, 8, 8, 2], 8, valid=[True, True, True, False])
     exp = collect_experience(
-        _records(0, 1), lambda r, k: gen, _records, G, 8, 0, DynamicSamplingConfig(), OverlongConfig(filter_truncated=True)
-    )
+        _records(0, 1), lambda r, k: gen, _records, G, 8, 0,
+        DynamicSamplingConfig(), OverlongConfig(filter_truncated=True),
+    )  # fmt: skip
     assert exp.mask.sum(-1).tolist() == [3.0, 0.0, 0.0, 0.0]
     assert "dynamic/fill" not in exp.stats
 
@@ -125,7 +126,8 @@ def test_stacked_rollouts_score_like_their_parts():
         enc = tok(prompts, padding=True, padding_side="left", return_tensors="pt")
         cfg = RolloutConfig(group_size=2, max_new_tokens=4 + 3 * i, top_k_logprobs=3)
         gen = torch.Generator().manual_seed(i)
-        parts.append(sample(model, enc["input_ids"], enc["attention_mask"], cfg, tok.eos_token_id, tok.pad_token_id, gen))
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        parts.append(sample(model, ids, mask, cfg, tok.eos_token_id, tok.pad_token_id, gen))
     both = Rollout.cat(parts, tok.pad_token_id)
     assert both.prompt_ids.shape[1] == max(p.prompt_ids.shape[1] for p in parts)
     assert both.completion_ids.shape[1] == max(p.completion_ids.shape[1] for p in parts)
