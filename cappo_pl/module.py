@@ -144,6 +144,12 @@ class RLModule(SRRHooks, pl.LightningModule):
                 "distribution, not of the nucleus the tokens were drawn from"
             )
         self.needs_ref = monitor_kl or any(o.needs_ref for o in self.objectives)
+        self.needs_topk = any(o.needs_topk for o in self.objectives)
+        if self.needs_topk and self.rollout_cfg.top_k_logprobs < 1:
+            raise ConfigError(
+                "model.rollout.top_k_logprobs: DPPO's Top-K divergence needs the sampler's top-K logprobs; "
+                "set it > 0 (the paper: 20)"
+            )
         self.tokenizer = self._build_tokenizer()
         self.policy: torch.nn.Module | None = None
         self._reference: list[torch.nn.Module] = []  # a list hides it from state_dict and DDP
@@ -249,6 +255,7 @@ class RLModule(SRRHooks, pl.LightningModule):
             model, ro.input_ids, ro.attention_mask, ro.completion_ids.shape[1],
             self.rollout_cfg.temperature, self.ppo.score_chunk_tokens,
             gram_space=space if for_update and space != "params" else None,
+            topk_ids=ro.topk_ids if for_update and self.needs_topk else None,
         )  # fmt: skip
 
     # ---------------------------------------------------------------------------- the RL step
@@ -305,6 +312,7 @@ class RLModule(SRRHooks, pl.LightningModule):
                     mask=mask[idx], entropy=cur.entropy, old_entropy=old.entropy[idx],
                     ref_logp=None if ref_logp is None else ref_logp[idx], rewards=rewards[idx], correct=correct[idx],
                     loss_scale_factor=float(cfg.max_new_tokens),
+                    topk_logp=cur.topk_logp, rollout_topk_logp=sub.topk_logp,
                 )  # fmt: skip
                 losses, metrics = self._objective_losses(tb)
                 opt.zero_grad(set_to_none=True)

@@ -24,11 +24,13 @@ class Objective:
         weight: the term's weight w_k in the update ``sum_k w_k grad L_k``.
         needs_ref: the reference model must be loaded and scored.
         needs_old_entropy: per-token entropy of pi_old must be recomputed at step start.
+        needs_topk: the sampler's top-K logprobs and the current ones of the same ids (DPPO Top-K).
 
     """
 
     needs_ref: bool = False
     needs_old_entropy: bool = False
+    needs_topk: bool = False
 
     def __init__(self, name: str, weight: float) -> None:
         self.name = name
@@ -52,6 +54,7 @@ class PolicyObjective(Objective):
         super().__init__(name, weight)
         self.loss = loss if loss is not None else PPOClip()
         self.needs_old_entropy = getattr(self.loss, "needs_old_entropy", False)
+        self.needs_topk = getattr(self.loss, "needs_topk", False)
 
     def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
         return self.loss(batch)

@@ -49,6 +49,8 @@ class Scores:
     hidden: Tensor | None = None
     gram_stats: Tensor | None = None
     """(B, T, 3) detached per-token Gram statistics of the requested space (``jacobian_stats``)."""
+    topk_logp: Tensor | None = None
+    """(B, T, K) detached fp32 logprobs of the requested token ids (DPPO Top-K)."""
 
 
 def jacobian_stats(
@@ -93,13 +95,20 @@ def jacobian_stats(
 
 
 def _head_chunk(
-    head: nn.Module, hidden: Tensor, targets: Tensor, temperature: float, stats: str | None = None
+    head: nn.Module,
+    hidden: Tensor,
+    targets: Tensor,
+    temperature: float,
+    stats: str | None = None,
+    gather_ids: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     logits = head(hidden)
-    lp, en = logprobs_and_entropy(logits, targets, temperature)
-    if stats is None:
-        return lp, en
-    return lp, en, jacobian_stats(logits, targets, temperature, head.weight if stats == "hidden" else None)
+    out = list(logprobs_and_entropy(logits, targets, temperature))
+    if stats is not None:
+        out.append(jacobian_stats(logits, targets, temperature, head.weight if stats == "hidden" else None))
+    if gather_ids is not None:  # no gradient, fp32, the same tempered distribution as the sampler's record
+        out.append(torch.log_softmax(logits.detach().float() / temperature, dim=-1).gather(-1, gather_ids))
+    return tuple(out)
 
 
 def _plain_linear(head: nn.Module, d: int) -> bool:
@@ -117,6 +126,7 @@ def score_completions(
     chunk_tokens: int = 4096,
     return_hidden: bool = False,
     gram_space: str | None = None,
+    topk_ids: Tensor | None = None,
 ) -> Scores:
     """Score the last ``completion_len`` tokens of each sequence under ``model``.
 
@@ -132,6 +142,7 @@ def score_completions(
             that is not a plain ``nn.Linear`` with a readable weight (e.g. partitioned by ZeRO-3)
             the hidden statistics cannot be formed this way, and the hidden states are returned
             instead (the Gram then uses K autograd VJPs).
+        topk_ids: (B, T, K) token ids whose current logprobs to gather (the sampler's top-K), no grad.
 
     Returns:
         ``Scores`` with logp and entropy (B, T) for completion tokens (garbage on padding: mask it).
@@ -150,17 +161,20 @@ def score_completions(
         gram_space, return_hidden = None, True
     b, t, d = hidden.shape
     flat_h, flat_y = hidden.reshape(b * t, d), targets.reshape(b * t)
+    flat_k = None if topk_ids is None else topk_ids.reshape(b * t, -1)
     outs = []
     for start in range(0, b * t, chunk_tokens):
         h, y = flat_h[start : start + chunk_tokens], flat_y[start : start + chunk_tokens]
+        k = None if flat_k is None else flat_k[start : start + chunk_tokens]
         if torch.is_grad_enabled() and h.requires_grad:
-            outs.append(checkpoint(_head_chunk, head, h, y, temperature, gram_space, use_reentrant=False))
+            outs.append(checkpoint(_head_chunk, head, h, y, temperature, gram_space, k, use_reentrant=False))
         else:
-            outs.append(_head_chunk(head, h, y, temperature, gram_space))
+            outs.append(_head_chunk(head, h, y, temperature, gram_space, k))
     logp = torch.cat([o[0] for o in outs]).view(b, t)
     entropy = torch.cat([o[1] for o in outs]).view(b, t)
     stats = torch.cat([o[2] for o in outs]).view(b, t, 3) if gram_space is not None else None
-    return Scores(logp, entropy, hidden if return_hidden else None, stats)
+    topk = torch.cat([o[-1] for o in outs]).view(b, t, -1) if topk_ids is not None else None
+    return Scores(logp, entropy, hidden if return_hidden else None, stats, topk)
 
 
 @torch.no_grad()

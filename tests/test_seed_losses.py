@@ -161,7 +161,10 @@ def test_bad_names_are_refused():
         GPPO(clip_ratio_c=0.5)(_batch(*_tensors(GPPO_CASES)))
 
 
-SEED_CONFIGS = ["ce_gppo.yaml", "erc.yaml", "dppo.yaml", "gspo.yaml", "cispo.yaml", "clip_cov.yaml", "kl_cov.yaml"]
+SEED_CONFIGS = [
+    "ce_gppo.yaml", "erc.yaml", "dppo.yaml", "dppo_topk.yaml", "gspo.yaml", "cispo.yaml", "clip_cov.yaml",
+    "kl_cov.yaml", "dapo.yaml",
+]  # fmt: skip
 
 
 def _rows(log_dir):
@@ -187,6 +190,41 @@ def test_erc_in_the_loop_masks_nothing_on_policy_and_reports_off_policy(cli_args
     assert [float(r["train/policy/erc_masked_frac"]) for r in on] == [0.0, 0.0]  # old entropy == step-start entropy
     off = _fit(cli_args, tmp_path, "configs/erc.yaml", "off")
     assert all(0.0 <= float(r["train/policy/erc_masked_frac"]) <= 1.0 for r in off)
+
+
+def test_erc_old_entropy_is_the_step_start_policys_without_padding_or_temperature_drift():
+    """The recompute pass (batched, left/right padded, chunked head) against one unpadded sequence at a time."""
+    from cappo_pl.models import TinyModelConfig, build_char_tokenizer, build_tiny_model
+    from cappo_pl.rollout import RolloutConfig, sample
+    from cappo_pl.scoring import score_completions
+
+    tok = build_char_tokenizer()
+    model = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), tok)
+    model.eval()
+    temp = 0.6
+    enc = tok(["3+4=", "12=", "100="], padding=True, padding_side="left", return_tensors="pt")
+    ro = sample(model, enc["input_ids"], enc["attention_mask"], RolloutConfig(group_size=3, max_new_tokens=7,
+                temperature=temp), tok.eos_token_id, tok.pad_token_id, torch.Generator().manual_seed(1))  # fmt: skip
+    lengths = ro.completion_mask.sum(-1)
+    assert lengths.min() < lengths.max()  # right padding differs between rows
+    t = ro.completion_ids.shape[1]
+    with torch.no_grad():  # step start (pi_old), chunked head with small chunks
+        old = score_completions(model, ro.input_ids, ro.attention_mask, t, temp, chunk_tokens=5)
+    sub = ro.select(torch.tensor([4, 0, 7]))  # an update's mini-batch, with gradients on (checkpointed head)
+    cur = score_completions(model, sub.input_ids, sub.attention_mask, t, temp)
+    for row in range(ro.completion_ids.shape[0]):
+        n = int(lengths[row])
+        ids = torch.cat([ro.prompt_ids[row][ro.prompt_mask[row].bool()], ro.completion_ids[row, :n]])
+        with torch.no_grad():
+            z = model(input_ids=ids[None]).logits[0, -n - 1 : -1].double() / temp
+        p = z.softmax(-1)
+        want = -(p * z.log_softmax(-1)).sum(-1)
+        torch.testing.assert_close(old.entropy[row, :n].double(), want, atol=2e-5, rtol=1e-5)
+    m = sub.completion_mask.bool()
+    torch.testing.assert_close(cur.entropy.detach()[m], old.entropy[[4, 0, 7]][m], atol=1e-5, rtol=1e-5)
+    # so before any update the ratio is 1 on every token and ERC (band 0.95..1.05) masks nothing
+    ratio = cur.entropy.detach()[m] / old.entropy[[4, 0, 7]][m]
+    assert ((ratio - 1).abs() < 1e-4).all()
 
 
 @pytest.mark.parametrize("combiner", ["MGDA", "PCGrad"])

@@ -122,6 +122,7 @@ def test_quickstart_notebook_executes(run, tmp_path):
         "ce_gppo.yaml",
         "erc.yaml",
         "dppo.yaml",
+        "dppo_topk.yaml",
         "gspo.yaml",
         "cispo.yaml",
         "clip_cov.yaml",

@@ -3,7 +3,7 @@
 from cappo_pl.losses.aggregation import AGG_MODES, AggMode, agg_loss, masked_mean
 from cappo_pl.losses.base import PolicyLoss, TokenBatch
 from cappo_pl.losses.cov import ClipCov, KLCov, clip_cov_loss, kl_cov_loss, token_covariance
-from cappo_pl.losses.dppo import DPPO, binary_divergence, dppo_loss
+from cappo_pl.losses.dppo import DPPO, binary_divergence, dppo_loss, topk_divergence
 from cappo_pl.losses.erc import ERC, entropy_ratio, entropy_ratio_keep, erc_loss
 from cappo_pl.losses.gppo import GPPO, gppo_loss, gppo_token_loss
 from cappo_pl.losses.kl import KLEstimator, kl_penalty
@@ -27,6 +27,7 @@ __all__ = [
     "GPPO",
     "AggMode",
     "binary_divergence",
+    "topk_divergence",
     "dppo_loss",
     "entropy_ratio",
     "entropy_ratio_keep",

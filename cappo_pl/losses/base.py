@@ -24,6 +24,9 @@ class TokenBatch:
         ref_logp: log pi_ref(a_t) (None when no objective needs the reference).
         rewards: (B,) sequence rewards.
         correct: (B,) bool, the sample counted as a success (reward >= the success threshold).
+        loss_scale_factor: L of ``seq-mean-token-sum-norm`` (the rollout's ``max_new_tokens``).
+        topk_logp: (B, T, K) current logprobs of the sampler's top-K ids, no grad (DPPO Top-K).
+        rollout_topk_logp: (B, T, K) the sampler's own logprobs of those ids (mu; sampled token included).
 
     """
 
@@ -38,6 +41,8 @@ class TokenBatch:
     rewards: Tensor | None = None
     correct: Tensor | None = None
     loss_scale_factor: float | None = None
+    topk_logp: Tensor | None = None
+    rollout_topk_logp: Tensor | None = None
 
 
 class PolicyLoss:
@@ -49,6 +54,10 @@ class PolicyLoss:
 
     agg: AggMode = "token-mean"
     loss_scale_factor: float | None = None
+    needs_old_entropy: bool = False
+    """Per-token entropy of pi_old must be recomputed at step start (ERC)."""
+    needs_topk: bool = False
+    """The sampler must record top-K logprobs and the update gathers the same ids (DPPO Top-K)."""
 
     def scale_factor(self, batch: TokenBatch) -> float | None:
         """L of ``seq-mean-token-sum-norm``: the loss's own setting, else the batch's (max_new_tokens)."""

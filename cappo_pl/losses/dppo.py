@@ -14,6 +14,15 @@ and p' = mu(a_t):
 - Binary-KL: ``D = p' log(p'/p) + (1 - p') log((1 - p' + 1e-8) / (1 - p + 1e-8))``;
   invalid_pos: ``D > delta_high and p > p'``; invalid_neg: ``D > delta_low and p < p'``.
 
+Top-K approximations (Stable-RL ``compute_topk_kl``) keep the sampler's K most likely tokens (the
+sampled one forced in) and a "rest" bucket, ``rest = 1 - sum_K`` clamped >= 1e-12, for both policies:
+
+- Top-K TV: ``D = 1/2 [sum_{i in K} |mu_i - pi_i| + |mu_rest - pi_rest|]``.
+- Top-K KL: ``D = sum_{i in K} mu_i (log mu_i - log pi_i) + mu_rest (log mu_rest - log pi_rest)``.
+- invalid_pos: ``D > delta_high and p > p'``; invalid_neg: ``D > delta_low and p < p'`` (the sampled token
+  decides the direction). Coarsening the vocabulary can only lose divergence, so both lower-bound the
+  full-vocabulary TV / KL and equal them when K = V.
+
 Gradient w.r.t. ``log pi``: ``-A min(r, C) M``, PPO's unclipped branch inside the region, 0 outside.
 """
 
@@ -28,7 +37,30 @@ from cappo_pl.errors import ConfigError
 from cappo_pl.losses.aggregation import AggMode, agg_loss, masked_mean
 from cappo_pl.losses.base import PolicyLoss, TokenBatch
 
-Divergence = Literal["binary_tv", "binary_kl"]
+Divergence = Literal["binary_tv", "binary_kl", "topk_tv", "topk_kl"]
+DEFAULT_DELTA = {"binary_tv": 0.15, "binary_kl": 0.05, "topk_tv": 0.15, "topk_kl": 0.05}
+
+
+def topk_divergence(pi_topk_logp: Tensor, mu_topk_logp: Tensor, kind: Literal["topk_tv", "topk_kl"]) -> Tensor:
+    """Top-K TV or KL(mu || pi) with a rest bucket (module docstring).
+
+    Args:
+        pi_topk_logp: (B, T, K) current logprobs of the sampler's top-K ids.
+        mu_topk_logp: (B, T, K) the sampler's logprobs of the same ids.
+        kind: ``topk_tv`` or ``topk_kl``.
+
+    Returns:
+        (B, T) float32 divergence, no gradient.
+
+    """
+    lp, lq = pi_topk_logp.detach().float(), mu_topk_logp.detach().float()
+    p, q = lp.exp(), lq.exp()
+    p_rest, q_rest = (1 - p.sum(-1)).clamp_min(1e-12), (1 - q.sum(-1)).clamp_min(1e-12)
+    if kind == "topk_tv":
+        return 0.5 * ((q - p).abs().sum(-1) + (q_rest - p_rest).abs())
+    if kind == "topk_kl":
+        return (q * (lq - lp)).sum(-1) + q_rest * (q_rest.log() - p_rest.log())
+    raise ValueError(f"unknown DPPO Top-K divergence {kind!r}")
 
 
 def binary_divergence(logp: Tensor, mu_logp: Tensor, kind: Divergence) -> Tensor:
@@ -42,10 +74,22 @@ def binary_divergence(logp: Tensor, mu_logp: Tensor, kind: Divergence) -> Tensor
 
 
 def dppo_invalid(
-    logp: Tensor, mu_logp: Tensor, advantages: Tensor, kind: Divergence, delta_low: float, delta_high: float
+    logp: Tensor,
+    mu_logp: Tensor,
+    advantages: Tensor,
+    kind: Divergence,
+    delta_low: float,
+    delta_high: float,
+    pi_topk_logp: Tensor | None = None,
+    mu_topk_logp: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One-sided trust-region violations (bool (B, T)) and the divergence D (B, T)."""
-    d = binary_divergence(logp, mu_logp, kind)
+    """One-sided trust-region violations (bool (B, T)) and the divergence D (B, T); Top-K needs the (B, T, K)s."""
+    if kind.startswith("topk"):
+        if pi_topk_logp is None or mu_topk_logp is None:
+            raise RuntimeError(f"DPPO {kind} needs top-K logprobs (model.rollout.top_k_logprobs > 0)")
+        d = topk_divergence(pi_topk_logp, mu_topk_logp, kind)
+    else:
+        d = binary_divergence(logp, mu_logp, kind)
     if kind == "binary_tv":
         inv_pos, inv_neg = d > delta_high, d < -delta_low
     else:
@@ -66,15 +110,17 @@ def dppo_loss(
     tis_cap: float = 10.0,
     agg: AggMode = "seq-mean-token-sum-norm",
     loss_scale_factor: float | None = None,
+    pi_topk_logp: Tensor | None = None,
+    mu_topk_logp: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """DPPO surrogate (module docstring); tensors (B, T).
+    """DPPO surrogate (module docstring); tensors (B, T), Top-K logprobs (B, T, K).
 
     Returns:
         ``(loss, metrics)``: ``dppo_masked_pos`` / ``dppo_masked_neg`` (fraction of tokens masked with
         A > 0 / A <= 0), ``dppo_masked`` (both), ``dppo_divergence`` (mean D), ``tis_clipfrac``.
 
     """
-    invalid, d = dppo_invalid(logp, mu_logp, advantages, kind, delta_low, delta_high)
+    invalid, d = dppo_invalid(logp, mu_logp, advantages, kind, delta_low, delta_high, pi_topk_logp, mu_topk_logp)
     ratio = torch.exp((logp.detach() - mu_logp.detach()).clamp(max=20.0))
     weight = ratio.clamp(max=tis_cap)
     per_token = -advantages * weight * logp * (~invalid).to(logp.dtype)
@@ -91,10 +137,11 @@ def dppo_loss(
 
 
 class DPPO(PolicyLoss):
-    """DPPO with a Binary-TV or Binary-KL trust region around the sampler's policy.
+    """DPPO with a Binary or Top-K, TV or KL trust region around the sampler's policy.
 
     Args:
-        divergence: ``binary_tv`` or ``binary_kl``.
+        divergence: ``binary_tv``, ``binary_kl``, ``topk_tv`` or ``topk_kl`` (Top-K needs
+            ``model.rollout.top_k_logprobs``; the paper's K is 20).
         delta_low: region size on the side where pi falls below mu (TV 0.15, KL 0.05).
         delta_high: region size on the side where pi rises above mu (TV 0.15, KL 0.05).
         tis_cap: cap C of the truncated importance weight (Stable-RL 10).
@@ -112,12 +159,13 @@ class DPPO(PolicyLoss):
         agg: AggMode = "seq-mean-token-sum-norm",
         loss_scale_factor: float | None = None,
     ) -> None:
-        default = {"binary_tv": 0.15, "binary_kl": 0.05}
+        default = DEFAULT_DELTA
         if divergence not in default:
             raise ConfigError(
                 f"model.objectives: loss DPPO: divergence must be one of {sorted(default)}, got {divergence!r}"
             )
         self.divergence = divergence
+        self.needs_topk = divergence.startswith("topk")
         self.delta_low = default[divergence] if delta_low is None else delta_low
         self.delta_high = default[divergence] if delta_high is None else delta_high
         self.tis_cap, self.agg, self.loss_scale_factor = tis_cap, agg, loss_scale_factor
@@ -126,5 +174,5 @@ class DPPO(PolicyLoss):
         lsf = self.scale_factor(batch)
         return dppo_loss(
             batch.logp, batch.rollout_logp, batch.advantages, batch.mask, self.divergence,
-            self.delta_low, self.delta_high, self.tis_cap, self.agg, lsf,
+            self.delta_low, self.delta_high, self.tis_cap, self.agg, lsf, batch.topk_logp, batch.rollout_topk_logp,
         )  # fmt: skip
