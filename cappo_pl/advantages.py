@@ -1,8 +1,8 @@
-"""Outcome-reward advantage estimators (critic-free).
+"""Advantage estimators: outcome-reward, critic-free ones and GAE with a value model.
 
-Samples are laid out group-major: ``rewards[p * G + g]`` is completion g of prompt p. Every
-estimator maps sequence rewards (N,) to sequence advantages (N,); the module broadcasts them over
-tokens. Formulas: shared/reference/algorithms.md sections 1.2 and 1.4.
+Samples are laid out group-major: ``rewards[p * G + g]`` is completion g of prompt p. The critic-free
+estimators map sequence rewards (N,) to sequence advantages (N,), broadcast over tokens
+(shared/reference/algorithms.md sections 1.2 and 1.4); GAE works per token with the critic's values.
 
 ``valid`` (N,) bool marks samples whose reward counts (a skipped, non-finite reward is invalid):
 statistics are taken over valid samples only and invalid samples get advantage 0, so a skipped
@@ -114,10 +114,23 @@ def reinforce_pp_advantages(
 
 
 class AdvantageEstimator:
-    """Base class: ``estimator(rewards (N,), group_size, valid) -> advantages (N,)``; chosen by class_path."""
+    """Base class: ``estimator(rewards (N,), group_size, valid) -> advantages (N,)``; chosen by class_path.
+
+    Attributes:
+        needs_values: the estimator reads the critic's per-token values (``model.critic`` must be set).
+
+    """
+
+    needs_values: bool = False
 
     def __call__(self, rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
         raise NotImplementedError
+
+    def token_advantages(
+        self, rewards: Tensor, group_size: int, valid: Tensor, mask: Tensor, values: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Per-token advantages (N, T) and value targets (N, T) or None; default: the sequence advantage."""
+        return self(rewards, group_size, valid).unsqueeze(-1).expand_as(mask), None
 
 
 class GRPO(AdvantageEstimator):
@@ -153,6 +166,85 @@ class ReinforcePlusPlus(AdvantageEstimator):
 
     def __call__(self, rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
         return reinforce_pp_advantages(rewards, group_size, self.eps, self.group_baseline, valid)
+
+
+def gae_advantages(
+    token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016; verl ``compute_gae_advantage_return``).
+
+    ``delta_t = r_t + gamma V_{t+1} - V_t``, ``A_t = sum_l (gamma lam)^l delta_{t+l}`` over the valid
+    tokens (padding is skipped; the value after the last valid token is 0), returns ``R_t = A_t + V_t``.
+
+    Args:
+        token_rewards: (N, T) per-token rewards (the outcome reward sits on the last valid token).
+        values: (N, T) critic values V(s_t).
+        mask: (N, T) 1 on valid completion tokens.
+        gamma: discount.
+        lam: GAE lambda.
+
+    Returns:
+        ``(advantages, returns)``, (N, T) each, 0 on masked positions, no gradient.
+
+    """
+    r, v, m = token_rewards.detach().float(), values.detach().float(), mask.float()
+    next_value = torch.zeros_like(r[:, 0])
+    running = torch.zeros_like(r[:, 0])
+    out = torch.zeros_like(r)
+    for t in reversed(range(r.shape[1])):
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        step = delta + gamma * lam * running
+        # a masked position passes the later value and advantage through unchanged
+        next_value = torch.where(m[:, t] > 0, v[:, t], next_value)
+        running = torch.where(m[:, t] > 0, step, running)
+        out[:, t] = running
+    return out * m, (out + v) * m
+
+
+def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """``(x - mean) / sqrt(var + eps)`` over the masked entries (unbiased var; verl ``masked_whiten``)."""
+    m = mask.float()
+    n = m.sum()
+    mean = (x * m).sum() / n.clamp_min(1.0)
+    var = (((x - mean) * m) ** 2).sum() / (n - 1).clamp_min(1.0)
+    return (x - mean) * torch.rsqrt(var + eps) * m
+
+
+def outcome_token_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
+    """(N, T) with each sequence's reward on its last valid token (verl's outcome-reward layout)."""
+    last = (mask.sum(-1).long() - 1).clamp_min(0)
+    out = torch.zeros_like(mask, dtype=torch.float32)
+    return out.scatter(1, last[:, None], rewards.float()[:, None]) * mask
+
+
+class GAE(AdvantageEstimator):
+    """GAE on the critic's values, outcome reward on the last token, whitened over the batch's tokens.
+
+    PPO's estimator (CaPPO's base algorithm in its paper). Needs ``model.critic``.
+
+    Args:
+        gamma: discount (verl and TRL 1.0).
+        lam: lambda (TRL 0.95; verl 1.0).
+        whiten: normalise the advantages over the batch's valid tokens (verl, TRL).
+
+    """
+
+    needs_values = True
+
+    def __init__(self, gamma: float = 1.0, lam: float = 0.95, whiten: bool = True) -> None:
+        self.gamma, self.lam, self.whiten = gamma, lam, whiten
+
+    def __call__(self, rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
+        raise TypeError("GAE is per token and needs the critic's values: use token_advantages")
+
+    def token_advantages(
+        self, rewards: Tensor, group_size: int, valid: Tensor, mask: Tensor, values: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        if values is None:
+            raise RuntimeError("GAE needs the critic's values (model.critic)")
+        r = torch.where(valid.bool(), rewards.float(), torch.zeros_like(rewards, dtype=torch.float32))
+        adv, returns = gae_advantages(outcome_token_rewards(r, mask), values, mask, self.gamma, self.lam)
+        return (masked_whiten(adv, mask) if self.whiten else adv), returns
 
 
 def zero_std_groups(rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:

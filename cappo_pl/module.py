@@ -19,6 +19,7 @@ from torch import Tensor
 
 from cappo_pl.advantages import GRPO, AdvantageEstimator, zero_std_group_fraction
 from cappo_pl.combiners import Combiner, Scalarized
+from cappo_pl.critic import CriticConfig, ValueModel, value_loss
 from cappo_pl.data.records import PromptBatch, Record, reward_fields
 from cappo_pl.errors import ConfigError
 from cappo_pl.experience import DynamicSamplingConfig, Generation, OverlongConfig, collect_experience
@@ -79,7 +80,8 @@ class RLModule(SRRHooks, pl.LightningModule):
         objectives: the loss terms (default: one ``PolicyObjective`` with PPO-clip).
         combiner: how the objectives' gradients become one update (default: the weighted sum).
         gradients: the space in which gradients are compared (the Gram) and monitoring.
-        advantage: the advantage estimator (default GRPO).
+        advantage: the advantage estimator (default GRPO; ``GAE`` needs ``critic``).
+        critic: the value model trained next to the policy (PPO with GAE); None: critic-free.
         rollout: sampling settings.
         ppo: epochs, mini-batches, clipping.
         optim: optimizer settings.
@@ -99,6 +101,7 @@ class RLModule(SRRHooks, pl.LightningModule):
         combiner: Combiner | None = None,
         gradients: GradientConfig | None = None,
         advantage: AdvantageEstimator | None = None,
+        critic: CriticConfig | None = None,
         rollout: RolloutConfig | None = None,
         ppo: PPOConfig | None = None,
         optim: OptimConfig | None = None,
@@ -120,6 +123,13 @@ class RLModule(SRRHooks, pl.LightningModule):
         self.gradients = gradients or GradientConfig()
         self.skipped_updates = 0
         self.advantage = advantage or GRPO()
+        self.critic_cfg = critic
+        if self.advantage.needs_values != (critic is not None):
+            raise ConfigError(
+                f"model.critic: {type(self.advantage).__name__} advantages "
+                + ("need a critic: set model.critic" if self.advantage.needs_values else "do not use one: remove it")
+            )
+        self.critic: ValueModel | None = None
         self.rollout_cfg = rollout or RolloutConfig()
         self.ppo = ppo or PPOConfig()
         self.optim = optim or OptimConfig()
@@ -188,6 +198,8 @@ class RLModule(SRRHooks, pl.LightningModule):
         else:
             self.policy = build_tiny_model(cfg.tiny, self.tokenizer)
         check_head_matches_forward(self.policy, len(self.tokenizer))
+        if self.critic_cfg is not None:
+            self.critic = ValueModel.from_policy(self.policy)  # a submodule: checkpointed and DDP-wrapped
         check_space(self.gradients.space, self.trainer.strategy)
         if self.needs_ref:
             self._reference = [freeze(copy.deepcopy(self.policy))]
@@ -215,9 +227,11 @@ class RLModule(SRRHooks, pl.LightningModule):
 
     def configure_optimizers(self):
         o = self.optim
-        opt = torch.optim.AdamW(
-            self.policy.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2)
-        )
+        groups = [{"params": list(self.policy.parameters())}]
+        if self.critic is not None:  # one optimizer (DeepSpeed takes only one), the critic as its own group
+            lr = self.critic_cfg.lr if self.critic_cfg.lr is not None else o.lr
+            groups.append({"params": list(self.critic.parameters()), "lr": lr})
+        opt = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2))
         warm = max(1, o.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -290,9 +304,10 @@ class RLModule(SRRHooks, pl.LightningModule):
             with torch.no_grad():
                 old = self._score(self.policy, ro)
 
-        # 4. Advantages per sequence, broadcast over its tokens; skipped samples carry none.
-        adv_seq = self.advantage(rewards, group, valid)
-        advantages = adv_seq.unsqueeze(-1).expand_as(mask)
+        # 4. Advantages per token (a sequence's own, broadcast, or GAE on the critic's values) and the
+        # critic's targets; skipped samples carry none.
+        old_values = self._values(ro) if self.critic is not None else None
+        advantages, returns = self.advantage.token_advantages(rewards, group, valid, mask, old_values)
         t2 = time.perf_counter()
 
         # 5. PPO epochs x mini-batches: one optimizer step each.
@@ -326,8 +341,10 @@ class RLModule(SRRHooks, pl.LightningModule):
                     if self._amp_scale() == 1.0:  # an fp16 GradScaler must see the overflow to lower its scale
                         opt.zero_grad(set_to_none=True)
                 metrics["grad_norm"] = self._grad_norm()
-                if self.ppo.clip_grad_norm is not None:
+                if self.ppo.clip_grad_norm is not None:  # only the policy's gradients exist at this point
                     self.clip_gradients(opt, gradient_clip_val=self.ppo.clip_grad_norm, gradient_clip_algorithm="norm")
+                if self.critic is not None:
+                    metrics.update(self._critic_backward(sub, old_values[idx], returns[idx], mask[idx]))
                 opt.step()
                 sched.step()
                 update_metrics.append(metrics)
@@ -344,6 +361,24 @@ class RLModule(SRRHooks, pl.LightningModule):
         stream = self.trainer.train_dataloader
         if hasattr(stream, "mark_consumed"):
             stream.mark_consumed(batch.index)
+
+    def _values(self, ro: Rollout) -> Tensor:
+        """The critic's values at step start (v_old), no gradient."""
+        self.critic.eval()  # dropout off, as for the policy
+        with torch.no_grad():
+            return self.critic(ro.input_ids, ro.attention_mask, ro.completion_ids.shape[1])
+
+    def _critic_backward(self, sub: Rollout, old_values: Tensor, returns: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        """Clipped value loss on the mini-batch -> the critic's gradients, clipped apart from the policy's."""
+        cfg = self.critic_cfg
+        values = self.critic(sub.input_ids, sub.attention_mask, sub.completion_ids.shape[1])
+        loss, metrics = value_loss(values, old_values, returns, mask, cfg.cliprange_value, cfg.agg)
+        self.manual_backward(loss)
+        params = [p for p in self.critic.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
+        if cfg.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+        return {f"critic/{k}": v for k, v in metrics.items()} | {"critic/grad_norm": norm}
 
     def _objective_losses(self, tb: TokenBatch) -> tuple[list[Tensor], dict[str, Tensor]]:
         """The objectives' raw losses (in config order) and their namespaced metrics."""

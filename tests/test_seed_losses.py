@@ -163,7 +163,7 @@ def test_bad_names_are_refused():
 
 SEED_CONFIGS = [
     "ce_gppo.yaml", "erc.yaml", "dppo.yaml", "dppo_topk.yaml", "gspo.yaml", "cispo.yaml", "clip_cov.yaml",
-    "kl_cov.yaml", "dapo.yaml",
+    "kl_cov.yaml", "dapo.yaml", "ppo_critic.yaml",
 ]  # fmt: skip
 
 
@@ -236,10 +236,15 @@ def test_each_method_composes_with_entropy_and_kl_under_a_combiner(config, combi
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = yaml.safe_load(open(os.path.join(root, "configs", config)))
+    present = {o["class_path"] for o in cfg["model"]["objectives"]}
     cfg["model"]["objectives"] += [
-        {"class_path": "cappo_pl.objectives.EntropyBonus", "init_args": {"weight": 0.01}},
-        {"class_path": "cappo_pl.objectives.KLPenalty", "init_args": {"weight": 0.04}},
-        {"class_path": "cappo_pl.objectives.PositiveNLL", "init_args": {"weight": 0.1}},
+        o
+        for o in (
+            {"class_path": "cappo_pl.objectives.EntropyBonus", "init_args": {"weight": 0.01}},
+            {"class_path": "cappo_pl.objectives.KLPenalty", "init_args": {"weight": 0.04}},
+            {"class_path": "cappo_pl.objectives.PositiveNLL", "init_args": {"weight": 0.1}},
+        )
+        if o["class_path"] not in present
     ]
     cfg["model"]["combiner"] = {"class_path": f"cappo_pl.combiners.{combiner}"}
     cfg["model"]["gradients"] = {"space": "params"}

@@ -53,7 +53,7 @@ COMBINER_KEYS = (
 )
 
 
-@pytest.mark.parametrize("config", ["grpo.yaml", "combiners/pcgrad.yaml", "dapo.yaml"])
+@pytest.mark.parametrize("config", ["grpo.yaml", "combiners/pcgrad.yaml", "dapo.yaml", "ppo_critic.yaml"])
 def test_fit_logs_metrics_and_resume_is_exact(run, tmp_path, config):
     full = run("full", steps=4, config=config)
     rows = [r for r in _rows(full) if r.get("train/reward/mean")]
@@ -88,6 +88,12 @@ def test_fit_logs_metrics_and_resume_is_exact(run, tmp_path, config):
     if "combiners" in config:
         assert all(k in rows[0] for k in COMBINER_KEYS)
         keys += list(COMBINER_KEYS)
+    if config == "ppo_critic.yaml":  # the critic (weights, its optimizer group) resumes too
+        keys += ["train/critic/vf_loss", "train/critic/value_mean"]
+        a_c, b_c = (
+            torch.load(os.path.join(d, "checkpoints", "last.ckpt"), weights_only=False) for d in (full, resumed)
+        )
+        assert all(torch.equal(a_c["state_dict"][k], b_c["state_dict"][k]) for k in a_c["state_dict"] if "critic" in k)
     if config == "dapo.yaml":  # extra generation batches are drawn again, identically, after the resume
         keys += ["train/dynamic/gen_batches", "train/dynamic/fill", "train/reward/overlong_penalty"]
     for key in keys:
@@ -117,6 +123,7 @@ def test_quickstart_notebook_executes(run, tmp_path):
     [
         "grpo.yaml",
         "ppo.yaml",
+        "ppo_critic.yaml",
         "combiners/mgda.yaml",
         "combiners/pcgrad.yaml",
         "ce_gppo.yaml",

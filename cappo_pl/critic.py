@@ -1,0 +1,121 @@
+"""The critic of PPO with GAE: a value model and its clipped value loss.
+
+The value model is a separate copy of the initial policy's transformer trunk with a scalar head
+(verl, TRL and OpenRLHF keep the critic apart from the actor), so the value loss never reaches the
+policy's parameters and the combiner sees only the policy's objectives. The head starts at zero,
+so the first step's values are 0 and GAE starts from Monte-Carlo-like advantages.
+
+Value loss (verl ``compute_value_loss``; PPO, Schulman et al. 2017):
+
+    v_clip = clip(v, v_old - c, v_old + c)
+    L_V = 1/2 agg(max((v - R)^2, (v_clip - R)^2))
+
+with R the GAE returns and v_old the values at the start of the RL step.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from cappo_pl.losses.aggregation import AggMode, agg_loss, masked_mean
+from cappo_pl.scoring import position_ids_from_mask
+
+
+@dataclass
+class CriticConfig:
+    """The value model trained next to the policy (needed by ``advantage: GAE``)."""
+
+    cliprange_value: float | None = 0.2
+    """c of the clipped value loss (TRL 0.2; verl 0.5); None: unclipped."""
+    lr: float | None = None
+    """Learning rate of the critic's parameter group (None: the policy's ``optim.lr``)."""
+    clip_grad_norm: float | None = 1.0
+    """Clip the critic's gradient norm, separately from the policy's (None: no clipping)."""
+    agg: AggMode = "token-mean"
+    """Aggregation of the per-token value loss."""
+
+
+class ValueModel(nn.Module):
+    """A causal-LM trunk with a scalar head: ``V(s_t)`` for the state before each completion token.
+
+    Args:
+        trunk: a transformer returning ``last_hidden_state`` (an HF ``base_model``).
+        hidden_size: width of the trunk's output.
+
+    """
+
+    def __init__(self, trunk: nn.Module, hidden_size: int) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_policy(cls, policy: nn.Module) -> ValueModel:
+        """A critic whose trunk is an independent copy of ``policy.base_model`` (SFT init)."""
+        trunk = copy.deepcopy(policy.base_model)
+        trunk.requires_grad_(True)
+        return cls(trunk, policy.get_output_embeddings().weight.shape[1])
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, completion_len: int) -> Tensor:
+        """Values at the positions that predict the completion tokens.
+
+        Args:
+            input_ids: (B, P + T) left-padded prompt and right-padded completion.
+            attention_mask: (B, P + T).
+            completion_len: T.
+
+        Returns:
+            (B, T) float32 values; ``[:, t]`` is the value of the prefix before completion token t.
+
+        """
+        out = self.trunk(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
+        hidden = out.last_hidden_state[:, -completion_len - 1 : -1]
+        return self.head(hidden).squeeze(-1).float()
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    cliprange: float | None = 0.2,
+    agg: AggMode = "token-mean",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped value loss (module docstring); tensors (B, T).
+
+    Returns:
+        ``(loss, metrics)``: ``vf_loss``, ``vf_clipfrac`` (tokens where the clipped term is the larger),
+        ``value_mean``, ``returns_mean``, ``explained_var`` (``1 - Var(R - v) / Var(R)`` over tokens).
+
+    """
+    unclipped = (values - returns) ** 2
+    if cliprange is None:
+        per_token, clipped_more = unclipped, torch.zeros_like(unclipped, dtype=torch.bool)
+    else:
+        v_clip = old_values + (values - old_values).clamp(-cliprange, cliprange)
+        clipped = (v_clip - returns) ** 2
+        per_token, clipped_more = torch.maximum(unclipped, clipped), clipped > unclipped
+    loss = 0.5 * agg_loss(per_token, mask, agg)
+    with torch.no_grad():
+        resid = returns - values.detach()
+        var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+        var_e = masked_mean((resid - masked_mean(resid, mask)) ** 2, mask)
+        metrics = {
+            "vf_loss": loss.detach(),
+            "vf_clipfrac": masked_mean(clipped_more.float(), mask),
+            "value_mean": masked_mean(values.detach(), mask),
+            "returns_mean": masked_mean(returns, mask),
+            "explained_var": 1 - var_e / var_r.clamp_min(1e-8),
+        }
+    return loss, metrics
