@@ -87,16 +87,9 @@ class Generation:
 
 
 @dataclass
-class Experience:
-    """The step's training data, N = groups x G rows, group-major."""
+class Experience(Generation):
+    """The step's training data, N = groups x G rows, group-major (kept groups of one or more generations)."""
 
-    records: list[Record]
-    """One per group."""
-    rollout: Rollout
-    texts: list[str]
-    rewards: Tensor
-    valid: Tensor
-    correct: Tensor
     mask: Tensor
     """(N, T) tokens that enter the losses: completion, valid reward, not filtered."""
     stats: dict[str, Tensor] = field(default_factory=dict)

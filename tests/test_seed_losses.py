@@ -163,7 +163,7 @@ def test_bad_names_are_refused():
 
 SEED_CONFIGS = [
     "ce_gppo.yaml", "erc.yaml", "dppo.yaml", "dppo_topk.yaml", "gspo.yaml", "cispo.yaml", "clip_cov.yaml",
-    "kl_cov.yaml", "dapo.yaml", "ppo_critic.yaml",
+    "kl_cov.yaml", "dapo.yaml", "ppo_critic.yaml", "gpg.yaml",
 ]  # fmt: skip
 
 

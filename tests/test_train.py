@@ -132,6 +132,7 @@ def test_quickstart_notebook_executes(run, tmp_path):
         "dppo_topk.yaml",
         "gspo.yaml",
         "cispo.yaml",
+        "gpg.yaml",
         "clip_cov.yaml",
         "kl_cov.yaml",
         "dapo.yaml",
