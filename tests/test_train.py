@@ -151,6 +151,8 @@ def test_every_config_trains_two_steps(config, cli_args, tmp_path):
     if cfg["epochs"] * cfg["minibatches"] == 1:
         # Wiring: the only update is on-policy, so pi == pi_old (recomputed at step start) and nothing clips.
         for r in rows:
+            if config == "gpg.yaml":  # no ratio, no clip: nothing to check
+                continue
             assert abs(float(r["train/policy/ppo_kl"])) < 1e-5 and float(r["train/policy/clipfrac"]) == 0.0
 
 
