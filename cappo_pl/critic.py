@@ -16,6 +16,7 @@ with R the GAE returns and v_old the values at the start of the RL step.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -81,7 +82,7 @@ class ValueModel(nn.Module):
             use_cache=False,
         )
         hidden = out.last_hidden_state[:, -completion_len - 1 : -1]
-        return self.head(hidden).squeeze(-1).float()
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()  # a bf16 trunk, an fp32 head
 
 
 def value_loss(
@@ -119,3 +120,53 @@ def value_loss(
             "explained_var": 1 - var_e / var_r.clamp_min(1e-8),
         }
     return loss, metrics
+
+
+def critic_backward(
+    critic: ValueModel,
+    cfg: CriticConfig,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    backward: Callable[[Tensor], None],
+    grad_scale: float = 1.0,
+    all_reduce: Callable[[Tensor], Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """One mini-batch of the critic: value loss, backward, gradient clipping of the critic alone.
+
+    A non-finite loss skips the backward on every rank (``all_reduce`` sums the flag), since a NaN
+    critic would poison GAE, and so every later policy update. With fp16 the gradients still carry
+    the GradScaler's ``grad_scale`` here, so the clip threshold is scaled and the reported norm unscaled.
+
+    Args:
+        critic: the value model.
+        cfg: its settings.
+        input_ids: (B, P + T) of the mini-batch.
+        attention_mask: (B, P + T).
+        old_values: (B, T) v_old.
+        returns: (B, T) GAE returns.
+        mask: (B, T) tokens in the loss.
+        backward: the strategy's backward (``manual_backward``).
+        grad_scale: the fp16 GradScaler's scale (1.0 otherwise).
+        all_reduce: sum over ranks (None: one process).
+
+    Returns:
+        ``value_loss``'s metrics plus ``skipped`` (1 when the backward was skipped) and ``grad_norm``.
+
+    """
+    values = critic(input_ids, attention_mask, returns.shape[1])
+    loss, metrics = value_loss(values, old_values, returns, mask, cfg.cliprange_value, cfg.agg)
+    bad = (~torch.isfinite(loss.detach())).float()
+    if all_reduce is not None:  # every rank must take the same branch, or the gradient all-reduce hangs
+        bad = all_reduce(bad)
+    metrics["skipped"] = (bad > 0).float()
+    if bad > 0:
+        return metrics
+    backward(loss)
+    params = [p for p in critic.parameters() if p.grad is not None]
+    metrics["grad_norm"] = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])) / grad_scale
+    if cfg.clip_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm * grad_scale)
+    return metrics

@@ -6,7 +6,8 @@ DAPO (Yu et al. 2025; shared/reference/algorithms.md section 1.3), components 3 
   zero variance carry no group-relative signal and are dropped; more prompts are generated until
   the step has as many informative groups as prompts per step, up to ``max_gen_batches``
   generation batches. Past the cap the step trains on the informative groups it has (verl raises
-  instead); with none at all it trains on the first batch, whose policy advantages are all 0.
+  instead); with none at all it trains on the first batch (no signal from the filtered metric; its
+  advantages are 0 unless, e.g., overlong shaping or GAE values still differ within a group).
 - Overlong reward shaping (verl DAPO reward manager): with ``L_exp = L_max - L_buf`` and completion
   length ``|y|`` (tokens, EOS included), ``R_len = min(-(|y| - L_exp) / L_buf * factor, 0)`` is added
   to the reward: 0 up to ``L_exp``, falling linearly to ``-factor`` at ``L_max``.

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from cappo_pl.advantages import GRPO, AdvantageEstimator, zero_std_group_fraction
 from cappo_pl.combiners import Combiner, Scalarized
-from cappo_pl.critic import CriticConfig, ValueModel, value_loss
+from cappo_pl.critic import CriticConfig, ValueModel, critic_backward
 from cappo_pl.data.records import PromptBatch, Record, reward_fields
 from cappo_pl.errors import ConfigError
 from cappo_pl.experience import DynamicSamplingConfig, Generation, OverlongConfig, collect_experience
@@ -136,6 +136,12 @@ class RLModule(SRRHooks, pl.LightningModule):
         self.val_samples, self.seed = val_samples, seed
         self.dynamic_sampling = dynamic_sampling or DynamicSamplingConfig()
         self.overlong = overlong or OverlongConfig()
+        if self.dynamic_sampling.enabled and self.ppo.minibatches > self.rollout_cfg.group_size:
+            # past the cap a step may keep one group (G rows); every rank must still take `minibatches` steps
+            raise ConfigError(
+                f"model.ppo.minibatches: with dynamic sampling it must be <= model.rollout.group_size "
+                f"({self.rollout_cfg.group_size}), got {self.ppo.minibatches}"
+            )
         if self.overlong.buffer_len < 0 or self.overlong.buffer_len > self.rollout_cfg.max_new_tokens:
             raise ConfigError(
                 f"model.overlong.buffer_len: must be in [0, model.rollout.max_new_tokens="
@@ -199,6 +205,9 @@ class RLModule(SRRHooks, pl.LightningModule):
             self.policy = build_tiny_model(cfg.tiny, self.tokenizer)
         check_head_matches_forward(self.policy, len(self.tokenizer))
         if self.critic_cfg is not None:
+            name = type(self.trainer.strategy).__name__
+            if name.startswith("DeepSpeed") or "FSDP" in name:  # a 2nd backward per step, per-rank clipping
+                raise ConfigError(f"model.critic: not supported under {name} yet (one backward per step there)")
             self.critic = ValueModel.from_policy(self.policy)  # a submodule: checkpointed and DDP-wrapped
         check_space(self.gradients.space, self.trainer.strategy)
         if self.needs_ref:
@@ -252,7 +261,8 @@ class RLModule(SRRHooks, pl.LightningModule):
 
     def _generate(self, records: list[Record], index: int, k: int) -> Generation:
         """Generation batch ``k`` of RL step ``index``: rollouts and validated task rewards."""
-        ro, texts = self._rollout(records, self.rollout_cfg, self._generator(index, 0 if k == 0 else 10 + k))
+        # extra batches get their own index space (salts >= 7 would alias the next rank's seeds)
+        ro, texts = self._rollout(records, self.rollout_cfg, self._generator(index + k * 2**32, 0))
         rewards, valid = self._rewards(records, texts, self.rollout_cfg.group_size)
         correct = (rewards >= self.ppo.success_threshold) & valid
         return Generation(records, ro, texts, rewards, valid, correct)
@@ -319,7 +329,9 @@ class RLModule(SRRHooks, pl.LightningModule):
             perm = torch.arange(n, device=self.device)
             if not on_policy:
                 perm = torch.randperm(n, generator=gen, device=self.device)
-            for idx in perm.chunk(self.ppo.minibatches):
+            # exactly ``minibatches`` non-empty parts, whatever row count dynamic sampling leaves (``chunk``
+            # may give fewer): every rank takes the same number of optimizer steps
+            for idx in perm.tensor_split(self.ppo.minibatches):
                 sub = ro.select(idx)
                 cur = first if on_policy else self._score(self.policy, sub, for_update=True)
                 tb = TokenBatch(
@@ -370,15 +382,13 @@ class RLModule(SRRHooks, pl.LightningModule):
 
     def _critic_backward(self, sub: Rollout, old_values: Tensor, returns: Tensor, mask: Tensor) -> dict[str, Tensor]:
         """Clipped value loss on the mini-batch -> the critic's gradients, clipped apart from the policy's."""
-        cfg = self.critic_cfg
-        values = self.critic(sub.input_ids, sub.attention_mask, sub.completion_ids.shape[1])
-        loss, metrics = value_loss(values, old_values, returns, mask, cfg.cliprange_value, cfg.agg)
-        self.manual_backward(loss)
-        params = [p for p in self.critic.parameters() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
-        if cfg.clip_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-        return {f"critic/{k}": v for k, v in metrics.items()} | {"critic/grad_norm": norm}
+        world = self.trainer.world_size
+        metrics = critic_backward(
+            self.critic, self.critic_cfg, sub.input_ids, sub.attention_mask, old_values, returns, mask,
+            backward=self.manual_backward, grad_scale=self._amp_scale(),
+            all_reduce=(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if world > 1 else None,
+        )  # fmt: skip
+        return {f"critic/{k}": v for k, v in metrics.items()}
 
     def _objective_losses(self, tb: TokenBatch) -> tuple[list[Tensor], dict[str, Tensor]]:
         """The objectives' raw losses (in config order) and their namespaced metrics."""

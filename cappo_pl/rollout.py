@@ -93,6 +93,8 @@ class Rollout:
             return torch.cat([filler, t] if left else [t, filler], dim=1)
 
         has_topk = all(r.topk_ids is not None for r in parts)
+        if has_topk != any(r.topk_ids is not None for r in parts):
+            raise ValueError("Rollout.cat: some parts have top-k logprobs and some do not")
         return Rollout(
             prompt_ids=torch.cat([pad(r.prompt_ids, p_len, pad_id, True) for r in parts]),
             prompt_mask=torch.cat([pad(r.prompt_mask, p_len, 0, True) for r in parts]),

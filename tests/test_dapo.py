@@ -152,3 +152,23 @@ def test_extra_batches_are_pure_functions_of_seed_step_and_k():
     assert [r.prompt for r in a.extra_batch(4, 1).records] != [r.prompt for r in a.extra_batch(4, 2).records]
     assert len({r.prompt for r in a.extra_batch(4, 1).records}) == 8  # without replacement
     assert a.position == 0
+
+
+def test_config_errors_and_mismatched_parts():
+    import pytest
+
+    from cappo_pl.errors import ConfigError
+    from cappo_pl.module import PPOConfig, RLModule
+
+    with pytest.raises(ConfigError, match="model.ppo.minibatches"):
+        RLModule(
+            rollout=RolloutConfig(group_size=4), ppo=PPOConfig(minibatches=8),
+            dynamic_sampling=DynamicSamplingConfig(enabled=True),
+        )  # fmt: skip
+    with pytest.raises(ConfigError, match="model.overlong.buffer_len"):
+        RLModule(rollout=RolloutConfig(max_new_tokens=8), overlong=OverlongConfig(buffer_len=9))
+    a = _fake_rollout([2, 3], 4)
+    b = _fake_rollout([1, 1], 4)
+    b.topk_ids, b.topk_logp = torch.zeros(2, 4, 3, dtype=torch.long), torch.zeros(2, 4, 3)
+    with pytest.raises(ValueError, match="top-k"):
+        Rollout.cat([a, b], 0)

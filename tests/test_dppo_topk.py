@@ -81,8 +81,12 @@ def test_topk_config_without_sampler_topk_is_a_config_error():
 def test_topk_mask_value_and_gradient(kind, delta):
     pi, mu = _dists(3, n=40, sharp=2.0)
     k = 3
-    ids = mu.topk(k, -1).indices  # the sampled token is the rank-1 token here
-    tok = ids[:, :1]
+    # the sampler's set: mu's top-3 with the sampled token forced in at rank K when it is not among them
+    tok = torch.randint(0, V, (pi.shape[0], 1), generator=torch.Generator().manual_seed(5))
+    ids = mu.topk(k, -1).indices.clone()
+    missing = ~(ids == tok).any(-1)
+    ids[missing, -1] = tok[missing, 0]
+    assert 0 < missing.sum() < pi.shape[0]  # both cases occur
     logp = pi.gather(-1, tok).squeeze(-1)[None].clone().requires_grad_(True)
     mu_logp = mu.gather(-1, tok).squeeze(-1)[None]
     adv = torch.tensor([1.0, -1.0, 2.0, -0.5] * 10, dtype=torch.float64)[None]
@@ -101,7 +105,7 @@ def test_topk_mask_value_and_gradient(kind, delta):
         pc = [p_all[i] for i in keep] + [1 - sum(p_all[i] for i in keep)]
         qc = [q_all[i] for i in keep] + [1 - sum(q_all[i] for i in keep)]
         d = _brute_tv(pc, qc) if kind == "topk_tv" else _brute_kl(pc, qc)
-        p, q, a = p_all[keep[0]], q_all[keep[0]], adv[0, t].item()
+        p, q, a = p_all[tok[t, 0]], q_all[tok[t, 0]], adv[0, t].item()  # the sampled token sets the direction
         inv = (d > delta and p > q) if a > 0 else (d > delta and p < q)
         invalid.append(inv and mask[0, t].item() == 1)
         w = min(p / q, cap)
