@@ -208,6 +208,10 @@ class RLModule(SRRHooks, pl.LightningModule):
             name = type(self.trainer.strategy).__name__
             if name.startswith("DeepSpeed") or "FSDP" in name:  # a 2nd backward per step, per-rank clipping
                 raise ConfigError(f"model.critic: not supported under {name} yet (one backward per step there)")
+            if name == "DDPStrategy" and not getattr(self.trainer.strategy, "_ddp_kwargs", {}).get(
+                "find_unused_parameters", False
+            ):  # the policy's and the critic's backward passes each use only their own parameters
+                raise ConfigError("model.critic: under DDP set trainer.strategy=ddp_find_unused_parameters_true")
             self.critic = ValueModel.from_policy(self.policy)  # a submodule: checkpointed and DDP-wrapped
         check_space(self.gradients.space, self.trainer.strategy)
         if self.needs_ref:

@@ -62,7 +62,9 @@ class SRRHooks:
         """``val/srr*`` of the initial policy at RL step 0, from the scores taken before the first update."""
         if self.references is None or not self.references.sft_scores:
             return
-        metric = SupportRetentionRatio(self.srr_cfg.thresholds, self.srr_cfg.relative_threshold)
+        # every rank holds the same full set of initial scores, and only rank 0 computes: no collective
+        # (a sync here would wait forever for the other ranks)
+        metric = SupportRetentionRatio(self.srr_cfg.thresholds, self.srr_cfg.relative_threshold, sync_on_compute=False)
         for i, scores in enumerate(self.references.sft_scores):
             if scores.numel():
                 ones = torch.ones(scores.numel(), 1)
