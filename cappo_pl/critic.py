@@ -122,6 +122,18 @@ def value_loss(
     return loss, metrics
 
 
+def check_critic_strategy(strategy: object) -> None:
+    """Refuse strategies the critic's second backward per step does not work with (ConfigError)."""
+    from cappo_pl.errors import ConfigError
+
+    name = type(strategy).__name__
+    if name.startswith("DeepSpeed") or "FSDP" in name:  # a 2nd backward per step; per-rank clipping of shards
+        raise ConfigError(f"model.critic: not supported under {name} yet (one backward per step there)")
+    if name == "DDPStrategy" and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False):
+        # the policy's and the critic's backward passes each use only their own parameters
+        raise ConfigError("model.critic: under DDP set trainer.strategy=ddp_find_unused_parameters_true")
+
+
 def critic_backward(
     critic: ValueModel,
     cfg: CriticConfig,

@@ -60,6 +60,20 @@ class SFTConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA adapters through peft (Hu et al. 2021): only the adapters train; the base stays frozen."""
+
+    r: int = 16
+    """Rank of the update ``B A``."""
+    alpha: float = 32.0
+    """Scale: the update is ``alpha / r * B A``."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (0: the policy stays deterministic, as pi/pi_old need)."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Names of the linear layers that get adapters (Llama-style attention projections by default)."""
+
+
+@dataclass
 class PolicyConfig:
     """Where the policy comes from.
 
@@ -75,6 +89,10 @@ class PolicyConfig:
     """SFT warm start of the built-in model; null starts RL from random weights."""
     dtype: str = "float32"
     """Parameter dtype: float32 or bfloat16."""
+    lora: LoRAConfig | None = None
+    """Train LoRA adapters instead of every weight; the reference is the base with adapters off."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass (less memory, more time)."""
 
 
 def build_char_tokenizer() -> PreTrainedTokenizerFast:
@@ -147,3 +165,47 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def add_lora(model: torch.nn.Module, cfg: LoRAConfig):
+    """Inject LoRA adapters into ``model`` in place and freeze everything else.
+
+    Returns:
+        The peft wrapper (for ``disable_adapter()`` and ``merge_and_unload()``); ``model`` itself stays
+        the HF causal LM the rest of the code scores, now with adapter layers inside.
+
+    Raises:
+        ConfigError: naming ``model.policy.lora.target_modules`` when none of them is in the model.
+
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
+        bias="none", task_type="CAUSAL_LM",
+    )  # fmt: skip
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise ConfigError(f"model.policy.lora.target_modules: {str(err).splitlines()[0]}") from None
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> int:
+    """Checkpoint every decoder layer, also in eval mode (RL keeps dropout off through eval mode).
+
+    HF checkpoints a layer only when ``layer.training`` is True, so the decoder layers themselves are
+    flagged as training while every submodule stays in eval mode (dropout stays off: attention
+    dropout reads its own module's flag). Call again after ``model.eval()``/``train()``.
+
+    Returns:
+        The number of layers checkpointed (0: the model has no checkpointable layers).
+
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if not getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.training = True
+    return len(layers)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -19,7 +18,7 @@ from torch import Tensor
 
 from cappo_pl.advantages import GRPO, AdvantageEstimator, zero_std_group_fraction
 from cappo_pl.combiners import Combiner, Scalarized
-from cappo_pl.critic import CriticConfig, ValueModel, critic_backward
+from cappo_pl.critic import CriticConfig, ValueModel, check_critic_strategy, critic_backward
 from cappo_pl.data.records import PromptBatch, Record, reward_fields
 from cappo_pl.errors import ConfigError
 from cappo_pl.experience import DynamicSamplingConfig, Generation, OverlongConfig, collect_experience
@@ -28,48 +27,23 @@ from cappo_pl.losses.aggregation import masked_mean
 from cappo_pl.losses.base import TokenBatch
 from cappo_pl.losses.kl import kl_penalty
 from cappo_pl.metrics import SupportRetentionRatio
-from cappo_pl.models import PolicyConfig, build_char_tokenizer, build_tiny_model, freeze, load_pretrained
+from cappo_pl.models import (
+    PolicyConfig,
+    add_lora,
+    build_char_tokenizer,
+    build_tiny_model,
+    enable_gradient_checkpointing,
+    freeze,
+    load_pretrained,
+)
 from cappo_pl.objectives import Objective, PolicyObjective
+from cappo_pl.optim_config import OptimConfig, PPOConfig
 from cappo_pl.references import ReferenceSet, SRRConfig
 from cappo_pl.rewards.base import call_reward
 from cappo_pl.rollout import Rollout, RolloutConfig, sample
 from cappo_pl.scoring import Scores, check_head_matches_forward, score_completions
 from cappo_pl.sft import ensure_sft_checkpoint, sft_cache_key
 from cappo_pl.srr_hooks import SRRHooks
-
-
-@dataclass
-class PPOConfig:
-    """How each RL step's rollouts are turned into updates."""
-
-    epochs: int = 1
-    """Passes over the step's rollouts (PPO epochs)."""
-    minibatches: int = 1
-    """Optimizer steps per epoch; the rollouts are split into this many shuffled mini-batches."""
-    clip_grad_norm: float | None = 1.0
-    """Clip the update's global L2 norm (None: no clipping)."""
-    score_chunk_tokens: int = 4096
-    """Tokens per LM-head chunk when scoring (bounds the logits memory)."""
-    reward_on_error: Literal["raise", "skip"] = "raise"
-    """A non-finite reward fails the run (raise) or drops that sample from the loss (skip, counted)."""
-    success_threshold: float = 1.0
-    """A sample with reward >= this counts as correct (accuracy)."""
-
-
-@dataclass
-class OptimConfig:
-    """AdamW with linear warm-up, then constant."""
-
-    lr: float = 1e-4
-    """Learning rate."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay."""
-    beta1: float = 0.9
-    """Adam beta1."""
-    beta2: float = 0.999
-    """Adam beta2."""
-    warmup_steps: int = 0
-    """Optimizer steps of linear warm-up."""
 
 
 class RLModule(SRRHooks, pl.LightningModule):
@@ -169,6 +143,7 @@ class RLModule(SRRHooks, pl.LightningModule):
         self.tokenizer = self._build_tokenizer()
         self.policy: torch.nn.Module | None = None
         self._reference: list[torch.nn.Module] = []  # a list hides it from state_dict and DDP
+        self._peft: list[Any] = []  # the peft wrapper of a LoRA policy (same hiding)
         self.last_samples: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------------------------- setup
@@ -204,19 +179,24 @@ class RLModule(SRRHooks, pl.LightningModule):
         else:
             self.policy = build_tiny_model(cfg.tiny, self.tokenizer)
         check_head_matches_forward(self.policy, len(self.tokenizer))
-        if self.critic_cfg is not None:
-            name = type(self.trainer.strategy).__name__
-            if name.startswith("DeepSpeed") or "FSDP" in name:  # a 2nd backward per step, per-rank clipping
-                raise ConfigError(f"model.critic: not supported under {name} yet (one backward per step there)")
-            if name == "DDPStrategy" and not getattr(self.trainer.strategy, "_ddp_kwargs", {}).get(
-                "find_unused_parameters", False
-            ):  # the policy's and the critic's backward passes each use only their own parameters
-                raise ConfigError("model.critic: under DDP set trainer.strategy=ddp_find_unused_parameters_true")
+        if self.critic_cfg is not None:  # from the policy before any adapter: a plain trunk copy
+            check_critic_strategy(self.trainer.strategy)
             self.critic = ValueModel.from_policy(self.policy)  # a submodule: checkpointed and DDP-wrapped
+        if cfg.lora is not None:  # the reference is then the base with adapters off: no second copy
+            self._peft = [add_lora(self.policy, cfg.lora)]
         check_space(self.gradients.space, self.trainer.strategy)
-        if self.needs_ref:
+        if self.needs_ref and not self._peft:
             self._reference = [freeze(copy.deepcopy(self.policy))]
         self.reward_fn = self.trainer.datamodule.task.reward_fn()
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]  # LoRA: the adapters only
+
+    def _reference_logp(self, ro: Rollout) -> Tensor:
+        if self._peft:
+            with self._peft[0].disable_adapter():
+                return self._score(self.policy, ro).logp
+        return self._score(self.reference, ro).logp
 
     @property
     def reference(self) -> torch.nn.Module | None:
@@ -240,7 +220,7 @@ class RLModule(SRRHooks, pl.LightningModule):
 
     def configure_optimizers(self):
         o = self.optim
-        groups = [{"params": list(self.policy.parameters())}]
+        groups = [{"params": self._trainable()}]
         if self.critic is not None:  # one optimizer (DeepSpeed takes only one), the critic as its own group
             lr = self.critic_cfg.lr if self.critic_cfg.lr is not None else o.lr
             groups.append({"params": list(self.critic.parameters()), "lr": lr})
@@ -292,6 +272,8 @@ class RLModule(SRRHooks, pl.LightningModule):
         # Dropout off (as verl): pi/pi_old must compare the same function. Lightning puts the module
         # back in train mode after every validation, so this is set per step.
         self.policy.eval()
+        if self.policy_cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self.policy)  # its decoder layers only, so dropout stays off
         cfg, group = self.rollout_cfg, self.rollout_cfg.group_size
         t0 = time.perf_counter()
 
@@ -307,7 +289,7 @@ class RLModule(SRRHooks, pl.LightningModule):
 
         # 3. pi_old (+ entropy) and reference scores.
         with torch.no_grad():
-            ref_logp = self._score(self.reference, ro).logp if self.reference is not None else None
+            ref_logp = self._reference_logp(ro) if self.needs_ref else None
         # With one update per step pi_old IS the update's own forward (verl: old = logp.detach()), so the
         # grad forward is done here once and reused, instead of a second, no-grad pass.
         on_policy = self.ppo.epochs == 1 and self.ppo.minibatches == 1
@@ -412,7 +394,7 @@ class RLModule(SRRHooks, pl.LightningModule):
         weights = torch.tensor([o.weight for o in self.objectives], dtype=torch.float64)
         return combined_backward(
             losses, weights, self.combiner, self.gradients.space,
-            lambda loss, retain: self.manual_backward(loss, retain_graph=retain), list(self.policy.parameters()),
+            lambda loss, retain: self.manual_backward(loss, retain_graph=retain), self._trainable(),
             hidden=cur.hidden, logp=cur.logp, entropy=cur.entropy, gram_stats=cur.gram_stats,
             all_reduce=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"),
             world_size=self.trainer.world_size, monitor=self.gradients.monitor, grad_scale=self._amp_scale(),

@@ -1,7 +1,8 @@
-"""Lightning callbacks: weight controllers, the sample table and the run summary."""
+"""Lightning callbacks: weight controllers, the sample table, the run summary and the HF export."""
 
 from cappo_pl.callbacks.control import WeightController
 from cappo_pl.callbacks.entropy import EntropyController, StepEntropyController
+from cappo_pl.callbacks.export import ExportHF, export_hf
 from cappo_pl.callbacks.kl import AdaptiveKLController
 from cappo_pl.callbacks.sample_table import SampleTable
 from cappo_pl.callbacks.summary import RunSummary
@@ -9,8 +10,10 @@ from cappo_pl.callbacks.summary import RunSummary
 __all__ = [
     "AdaptiveKLController",
     "EntropyController",
+    "ExportHF",
     "RunSummary",
     "SampleTable",
     "StepEntropyController",
     "WeightController",
+    "export_hf",
 ]
