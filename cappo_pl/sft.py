@@ -114,7 +114,7 @@ def ensure_sft_checkpoint(
 ) -> Path:
     """Return the folder of the SFT checkpoint for this config, training it if it is not cached."""
     folder = Path(sft.cache_dir) / sft_cache_key(tiny, sft, train)
-    if (folder / "sft_metrics.json").is_file():
+    if (folder / "sft_metrics.json").is_file() and (folder / "config.json").is_file():
         metrics = json.loads((folder / "sft_metrics.json").read_text())
         log(
             f"[sft] cached checkpoint {folder} "
@@ -131,6 +131,9 @@ def ensure_sft_checkpoint(
     }
     tmp = folder.with_name(folder.name + f".tmp{time.time_ns()}")
     tmp.mkdir(parents=True)
+    # Under torch.distributed, transformers writes model files on global rank 0 only; but every node's
+    # local rank 0 prepares its own (possibly node-local) cache, so this process must write them itself.
+    model.should_save_on_this_rank = lambda is_main_process: True
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "sft_metrics.json").write_text(json.dumps(metrics, indent=2))

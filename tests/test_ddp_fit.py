@@ -46,3 +46,63 @@ def test_critic_under_plain_ddp_is_a_config_error(tmp_path, sft_cache):
     proc = _fit(tmp_path, sft_cache, "ppo_critic.yaml", "ddp")
     assert proc.returncode != 0
     assert "model.critic: under DDP set trainer.strategy=ddp_find_unused_parameters_true" in proc.stderr
+
+
+def test_two_node_simulation_one_process_per_node(tmp_path):
+    """num_nodes=2, devices=1: each "node" is launched by hand with NODE_RANK, as a cluster launcher would.
+
+    A fresh SFT cache: each node's local rank 0 trains the SFT warm start in ``prepare_data`` at the same
+    time into the same (here shared) folder, which once left a folder without weights from global rank 1.
+    """
+    sft_cache = tmp_path / "sft"
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [
+        sys.executable, os.path.join(ROOT, "cli.py"), "fit", "--config", os.path.join(ROOT, "configs", "grpo.yaml"),
+        *TINY_ARGS, f"--model.policy.sft.cache_dir={sft_cache}", "--data.steps_per_epoch=2",
+        "--data.prompts_per_step=4", "--model.rollout.group_size=4", "--model.val_samples=2",
+        "--trainer.num_nodes=2", "--trainer.devices=1", "--trainer.strategy=ddp",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        "--trainer.logger.init_args.name=nodes",
+    ]  # fmt: skip
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "MASTER_ADDR": "127.0.0.1"}
+    procs = [
+        subprocess.Popen(
+            args,
+            env={**base, "MASTER_PORT": str(port), "NODE_RANK": str(r), "WORLD_SIZE": "2"},
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for r in range(2)
+    ]
+    outs = [p.communicate(timeout=400) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outs[1][1]  # node 1's single process is global rank 1
+    (log_dir,) = glob.glob(str(tmp_path / "runs" / "nodes" / "version_*"))  # rank 0 alone logs ...
+    rows = list(csv.DictReader(open(os.path.join(log_dir, "metrics.csv"))))
+    assert len([r for r in rows if r.get("train/reward/mean")]) == 2
+    assert os.path.exists(os.path.join(log_dir, "checkpoints", "last.ckpt"))  # ... and saves the checkpoints
+
+
+def test_sft_cache_written_on_a_non_zero_global_rank_is_complete(tmp_path, monkeypatch):
+    """transformers writes model files on global rank 0 only; a node's local rank 0 must still write its cache."""
+    import transformers.distributed.mixin as mixin
+
+    from cappo_pl.data import SumTask
+    from cappo_pl.models import SFTConfig, TinyModelConfig, load_pretrained
+    from cappo_pl.sft import ensure_sft_checkpoint
+
+    monkeypatch.setattr(mixin, "_is_torch_distributed_initialized", lambda: True)
+    monkeypatch.setattr(mixin, "_get_torch_distributed_rank", lambda: 1)
+    task = SumTask()
+    tiny = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    sft = SFTConfig(steps=2, batch_size=8, eval_samples=1, cache_dir=str(tmp_path))
+    folder = ensure_sft_checkpoint(tiny, sft, task.train_records(), task.val_records(), task.reward_fn(), log=print)
+    assert (folder / "config.json").is_file()
+    monkeypatch.undo()
+    load_pretrained(folder)  # weights and tokenizer are all there
