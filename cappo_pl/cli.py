@@ -1,4 +1,4 @@
-"""LightningCLI entry: ``fit`` / ``validate`` and ``sft``, with offline defaults and one-line errors."""
+"""LightningCLI entry: ``fit`` / ``validate``, ``sft`` and ``to-hf``, with offline defaults and one-line errors."""
 
 from __future__ import annotations
 
@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args and args[0] == "sft":
             _sft(args[1:])
+        elif args and args[0] == "to-hf":
+            from cappo_pl.convert import main as to_hf
+
+            to_hf(args[1:])
         else:
             # args=None lets LightningCLI read sys.argv itself (it warns when given both).
             build_cli(None if argv is None else args)

@@ -125,9 +125,10 @@ def value_loss(
 def check_critic_strategy(strategy: object) -> None:
     """Refuse strategies the critic's second backward per step does not work with (ConfigError)."""
     from cappo_pl.errors import ConfigError
+    from cappo_pl.gradients import is_deepspeed, is_fsdp
 
     name = type(strategy).__name__
-    if name.startswith("DeepSpeed") or "FSDP" in name:  # a 2nd backward per step; per-rank clipping of shards
+    if is_deepspeed(strategy) or is_fsdp(strategy):  # a 2nd backward per step; per-rank clipping of shards
         raise ConfigError(f"model.critic: not supported under {name} yet (one backward per step there)")
     if name == "DDPStrategy" and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False):
         # the policy's and the critic's backward passes each use only their own parameters

@@ -262,9 +262,45 @@ def _params_update(
     return Update(c, gram, not _finite(gram), weights)
 
 
+def is_deepspeed(strategy: object) -> bool:
+    """A Lightning DeepSpeed strategy (or a subclass)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return isinstance(strategy, DeepSpeedStrategy)
+
+
+def is_fsdp(strategy: object) -> bool:
+    """A Lightning FSDP strategy (or a subclass)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy)
+
+
+def deepspeed_gradient_clipping(strategy: object, clip: float | None) -> None:
+    """Put ``model.ppo.clip_grad_norm`` into the DeepSpeed config, where the engine applies it in ``step``.
+
+    Under DeepSpeed, Lightning's ``clip_gradients`` does nothing (the engine owns the gradients).
+
+    Raises:
+        ConfigError: the strategy's own config sets a different ``gradient_clipping``.
+
+    """
+    if not is_deepspeed(strategy):
+        return
+    config = strategy.config
+    want = float(clip or 0.0)
+    have = config.get("gradient_clipping")
+    if have is not None and float(have) != want:
+        raise ConfigError(
+            f"trainer.strategy: the DeepSpeed config sets gradient_clipping={have} but model.ppo.clip_grad_norm "
+            f"is {clip}; set one of them"
+        )
+    config["gradient_clipping"] = want
+
+
 def zero_stage(strategy: object) -> int:
     """DeepSpeed ZeRO stage of a Lightning strategy (0 for anything that is not DeepSpeed)."""
-    if not type(strategy).__name__.startswith("DeepSpeed"):
+    if not is_deepspeed(strategy):
         return 0
     config = getattr(strategy, "config", None) or {}
     return int(config.get("zero_optimization", {}).get("stage", 0))
@@ -277,8 +313,8 @@ def check_space(space: Space, strategy: object) -> None:
     keeps its own gradient buffers) and FSDP (sharded gradients: per-rank Grams would differ).
     """
     name = type(strategy).__name__
-    if space == "params" and (name.startswith("DeepSpeed") or "FSDP" in name):
-        stage = f" ZeRO-{zero_stage(strategy)}" if name.startswith("DeepSpeed") else ""
+    if space == "params" and (is_deepspeed(strategy) or is_fsdp(strategy)):
+        stage = f" ZeRO-{zero_stage(strategy)}" if is_deepspeed(strategy) else ""
         raise ConfigError(
             f"model.gradients.space: 'params' needs K separate backward passes and plain per-parameter "
             f".grad, which {name}{stage} does not provide; use 'hidden' or 'logits'"

@@ -22,7 +22,14 @@ from cappo_pl.critic import CriticConfig, ValueModel, check_critic_strategy, cri
 from cappo_pl.data.records import PromptBatch, Record, reward_fields
 from cappo_pl.errors import ConfigError
 from cappo_pl.experience import DynamicSamplingConfig, Generation, OverlongConfig, collect_experience
-from cappo_pl.gradients import GradientConfig, check_space, combined_backward, gram_metrics
+from cappo_pl.gradients import (
+    GradientConfig,
+    check_space,
+    combined_backward,
+    deepspeed_gradient_clipping,
+    gram_metrics,
+    is_deepspeed,
+)
 from cappo_pl.losses.aggregation import masked_mean
 from cappo_pl.losses.base import TokenBatch
 from cappo_pl.losses.kl import kl_penalty
@@ -185,6 +192,7 @@ class RLModule(SRRHooks, pl.LightningModule):
         if cfg.lora is not None:  # the reference is then the base with adapters off: no second copy
             self._peft = [add_lora(self.policy, cfg.lora)]
         check_space(self.gradients.space, self.trainer.strategy)
+        deepspeed_gradient_clipping(self.trainer.strategy, self.ppo.clip_grad_norm)
         if self.needs_ref and not self._peft:
             self._reference = [freeze(copy.deepcopy(self.policy))]
         self.reward_fn = self.trainer.datamodule.task.reward_fn()
@@ -344,6 +352,8 @@ class RLModule(SRRHooks, pl.LightningModule):
                 if self.critic is not None:
                     metrics.update(self._critic_backward(sub, old_values[idx], returns[idx], mask[idx]))
                 opt.step()
+                if is_deepspeed(self.trainer.strategy):  # the engine holds the gradients: its norm, pre-clip
+                    metrics["grad_norm"] = torch.tensor(float(self.trainer.strategy.model.get_global_grad_norm() or 0))
                 sched.step()
                 update_metrics.append(metrics)
         t3 = time.perf_counter()

@@ -1,0 +1,73 @@
+"""Turn a training checkpoint (a ``.ckpt`` file or a DeepSpeed ZeRO checkpoint folder) into a plain HF folder.
+
+``python cli.py to-hf --ckpt CKPT --base BASE_HF_FOLDER --out OUT``.
+
+The base folder supplies the architecture and tokenizer (``model.policy.path``, or the SFT cache folder of the
+built-in model); the checkpoint's ``policy.*`` weights replace its weights. ZeRO-2/3 shards are consolidated in
+fp32 by DeepSpeed's own ``zero_to_fp32`` (through Lightning). A LoRA checkpoint is refused: export those with the
+``ExportHF`` callback, which merges the adapters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from cappo_pl.errors import CappoError, ConfigError
+from cappo_pl.models import load_pretrained
+
+
+def checkpoint_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's ``state_dict`` (ZeRO folders consolidated to fp32)."""
+    path = Path(ckpt)
+    if path.is_dir():  # DeepSpeed writes a folder (sharded model / optimizer states per rank)
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "consolidated.pt"
+            convert_zero_checkpoint_to_fp32_state_dict(path, out)
+            return torch.load(out, map_location="cpu", weights_only=False)["state_dict"]
+    if not path.is_file():
+        raise ConfigError(f"--ckpt: {path} is neither a checkpoint file nor a DeepSpeed checkpoint folder")
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def checkpoint_to_hf(ckpt: str | Path, base: str | Path, out: str | Path) -> Path:
+    """Write ``out``: the base folder's architecture and tokenizer with the checkpoint's policy weights.
+
+    Raises:
+        ConfigError: a LoRA checkpoint, or weights that do not fit the base architecture.
+
+    """
+    state = checkpoint_state(ckpt)
+    policy = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+    if any("lora_" in k for k in policy):
+        raise ConfigError(f"--ckpt: {ckpt} holds LoRA adapters; export it with the ExportHF callback")
+    model, tokenizer = load_pretrained(base)
+    missing, unexpected = model.load_state_dict(policy, strict=False)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]  # a tied head is the embedding
+    if unexpected or missing:
+        raise ConfigError(
+            f"--base: {base} does not match the checkpoint (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    model.tie_weights()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return Path(out)
+
+
+def main(args: list[str]) -> None:
+    """``cli.py to-hf``."""
+    p = argparse.ArgumentParser(prog="cli.py to-hf", description=__doc__)
+    p.add_argument("--ckpt", required=True, help="a .ckpt file or a DeepSpeed checkpoint folder (last.ckpt/)")
+    p.add_argument("--base", required=True, help="HF folder with the policy's architecture and tokenizer")
+    p.add_argument("--out", required=True, help="where to write the HF folder")
+    ns = p.parse_args(args)
+    if Path(ns.out).exists() and any(Path(ns.out).iterdir()):
+        raise CappoError(f"--out: {ns.out} exists and is not empty; nothing was overwritten")
+    print(f"wrote {checkpoint_to_hf(ns.ckpt, ns.base, ns.out)}")
