@@ -20,13 +20,16 @@ from conftest import ROOT, TINY_ARGS
 pytest.importorskip("deepspeed")
 
 
-def _fit(tmp_path, sft_cache, stage, name, extra=()):
+GRPO = os.path.join(ROOT, "configs", "grpo.yaml")
+
+
+def _fit(tmp_path, sft_cache, stage, name, extra=(), config=GRPO):
     env = {
         **os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
         "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
     }  # fmt: skip
     args = [
-        sys.executable, os.path.join(ROOT, "cli.py"), "fit", "--config", os.path.join(ROOT, "configs", "grpo.yaml"),
+        sys.executable, os.path.join(ROOT, "cli.py"), "fit", "--config", config,
         "--config", os.path.join(ROOT, "configs", "strategy", f"deepspeed_zero{stage}.yaml"),
         "--trainer.accelerator=cpu", "--trainer.strategy=deepspeed_cpu.DeepSpeedOnCPU",
         f"--trainer.strategy.stage={stage}",
@@ -101,3 +104,34 @@ def test_params_space_under_deepspeed_is_refused_at_startup(tmp_path, sft_cache)
     proc = _fit(tmp_path, sft_cache, 2, "params", ["--model.gradients.space=params", "--trainer.devices=1"])
     assert proc.returncode != 0
     assert "model.gradients.space: 'params'" in proc.stderr
+
+
+def test_zero2_resume_from_a_sharded_checkpoint_is_exact(tmp_path, sft_cache):
+    import yaml
+
+    from cappo_pl.convert import checkpoint_state
+
+    cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", "grpo.yaml")))
+    for cb in cfg["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("ModelCheckpoint"):
+            cb["init_args"] = {"every_n_train_steps": 2, "save_top_k": -1, "save_last": True}
+    path = tmp_path / "grpo_ckpt2.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+
+    def run(name, extra=()):
+        proc = _fit(tmp_path, sft_cache, 2, name, ["--data.steps_per_epoch=4", *extra], config=str(path))
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        (log_dir,) = glob.glob(str(tmp_path / "runs" / name / "version_*"))
+        return log_dir
+
+    full = run("full")
+    (mid,) = glob.glob(os.path.join(full, "checkpoints", "*step=2.ckpt"))
+    assert os.path.isdir(mid)
+    resumed = run("resumed", [f"--ckpt_path={mid}"])
+    rows = lambda d: [r for r in csv.DictReader(open(os.path.join(d, "metrics.csv"))) if r.get("train/reward/mean")]  # noqa: E731
+    a, b = rows(full), rows(resumed)
+    assert [r["train/rl_step"] for r in b] == ["2.0", "3.0"]
+    assert [r["train/reward/mean"] for r in a[2:]] == [r["train/reward/mean"] for r in b]
+    wa = checkpoint_state(os.path.join(full, "checkpoints", "last.ckpt"))
+    wb = checkpoint_state(os.path.join(resumed, "checkpoints", "last.ckpt"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa if k.startswith("policy."))
