@@ -47,7 +47,10 @@ def checkpoint_to_hf(ckpt: str | Path, base: str | Path, out: str | Path) -> Pat
     if any("lora_" in k for k in policy):
         raise ConfigError(f"--ckpt: {ckpt} holds LoRA adapters; export it with the ExportHF callback")
     model, tokenizer = load_pretrained(base)
-    missing, unexpected = model.load_state_dict(policy, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(policy, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ConfigError(f"--base: {base} does not match the checkpoint: {str(err).splitlines()[0]}") from None
     tied = getattr(model.config, "tie_word_embeddings", False)
     missing = [k for k in missing if not (tied and k == "lm_head.weight")]  # a tied head is the embedding
     if unexpected or missing:
@@ -66,8 +69,8 @@ def main(args: list[str]) -> None:
     p = argparse.ArgumentParser(prog="cli.py to-hf", description=__doc__)
     p.add_argument("--ckpt", required=True, help="a .ckpt file or a DeepSpeed checkpoint folder (last.ckpt/)")
     p.add_argument("--base", required=True, help="HF folder with the policy's architecture and tokenizer")
-    p.add_argument("--out", required=True, help="where to write the HF folder")
+    p.add_argument("--out", required=True, help="where to write the HF folder (float32 weights)")
     ns = p.parse_args(args)
-    if Path(ns.out).exists() and any(Path(ns.out).iterdir()):
+    if Path(ns.out).exists() and (not Path(ns.out).is_dir() or any(Path(ns.out).iterdir())):
         raise CappoError(f"--out: {ns.out} exists and is not empty; nothing was overwritten")
     print(f"wrote {checkpoint_to_hf(ns.ckpt, ns.base, ns.out)}")

@@ -130,7 +130,11 @@ def check_critic_strategy(strategy: object) -> None:
     name = type(strategy).__name__
     if is_deepspeed(strategy) or is_fsdp(strategy):  # a 2nd backward per step; per-rank clipping of shards
         raise ConfigError(f"model.critic: not supported under {name} yet (one backward per step there)")
-    if name == "DDPStrategy" and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if isinstance(strategy, DDPStrategy) and not getattr(strategy, "_ddp_kwargs", {}).get(
+        "find_unused_parameters", False
+    ):
         # the policy's and the critic's backward passes each use only their own parameters
         raise ConfigError("model.critic: under DDP set trainer.strategy=ddp_find_unused_parameters_true")
 

@@ -290,10 +290,10 @@ def deepspeed_gradient_clipping(strategy: object, clip: float | None) -> None:
     config = strategy.config
     want = float(clip or 0.0)
     have = config.get("gradient_clipping")
-    if have is not None and float(have) != want:
+    if have not in (None, "auto") and float(have) != want:
         raise ConfigError(
             f"trainer.strategy: the DeepSpeed config sets gradient_clipping={have} but model.ppo.clip_grad_norm "
-            f"is {clip}; set one of them"
+            f"is {clip}; make them equal (or drop gradient_clipping from the DeepSpeed config)"
         )
     config["gradient_clipping"] = want
 

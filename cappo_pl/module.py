@@ -29,6 +29,7 @@ from cappo_pl.gradients import (
     deepspeed_gradient_clipping,
     gram_metrics,
     is_deepspeed,
+    zero_stage,
 )
 from cappo_pl.losses.aggregation import masked_mean
 from cappo_pl.losses.base import TokenBatch
@@ -193,6 +194,9 @@ class RLModule(SRRHooks, pl.LightningModule):
             self._peft = [add_lora(self.policy, cfg.lora)]
         check_space(self.gradients.space, self.trainer.strategy)
         deepspeed_gradient_clipping(self.trainer.strategy, self.ppo.clip_grad_norm)
+        if self.dynamic_sampling.enabled and zero_stage(self.trainer.strategy) == 3:
+            # ranks may draw different numbers of generation batches, i.e. of collective forwards
+            raise ConfigError("model.dynamic_sampling: not supported under ZeRO-3 yet")
         if self.needs_ref and not self._peft:
             self._reference = [freeze(copy.deepcopy(self.policy))]
         self.reward_fn = self.trainer.datamodule.task.reward_fn()
@@ -245,9 +249,13 @@ class RLModule(SRRHooks, pl.LightningModule):
 
     def _rollout(self, records: list[Record], cfg: RolloutConfig, gen: torch.Generator) -> tuple[Rollout, list[str]]:
         enc = self.tokenizer([r.prompt for r in records], padding=True, padding_side="left", return_tensors="pt")
+        sync = None
+        if zero_stage(self.trainer.strategy) == 3:  # every forward gathers shards: ranks stop together
+            world = float(self.trainer.world_size)
+            sync = lambda done: float(self.trainer.strategy.reduce(torch.tensor(float(done)), "sum")) == world  # noqa: E731
         ro = sample(
             self.policy, enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device),
-            cfg, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, gen,
+            cfg, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, gen, sync,
         )  # fmt: skip
         return ro, self.tokenizer.batch_decode(ro.completion_ids, skip_special_tokens=True)
 
@@ -351,7 +359,8 @@ class RLModule(SRRHooks, pl.LightningModule):
                     self.clip_gradients(opt, gradient_clip_val=self.ppo.clip_grad_norm, gradient_clip_algorithm="norm")
                 if self.critic is not None:
                     metrics.update(self._critic_backward(sub, old_values[idx], returns[idx], mask[idx]))
-                opt.step()
+                if not (update.skipped and is_deepspeed(self.trainer.strategy)):  # the engine cannot step gradless
+                    opt.step()
                 if is_deepspeed(self.trainer.strategy):  # the engine holds the gradients: its norm, pre-clip
                     metrics["grad_norm"] = torch.tensor(float(self.trainer.strategy.model.get_global_grad_norm() or 0))
                 sched.step()

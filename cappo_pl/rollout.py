@@ -9,6 +9,7 @@ from the nucleus but their logprob is still that of the full tempered distributi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -133,6 +134,7 @@ def sample(
     eos_id: int,
     pad_id: int,
     generator: torch.Generator | None = None,
+    all_ranks_done: Callable[[bool], bool] | None = None,
 ) -> Rollout:
     """Sample ``cfg.group_size`` completions per prompt.
 
@@ -144,12 +146,15 @@ def sample(
         eos_id: end-of-sequence id (stops a row; the EOS token is part of the completion).
         pad_id: id written after EOS.
         generator: RNG for the draws (seeded per step for reproducibility).
+        all_ranks_done: maps this rank's "every row finished" to "every rank's rows finished". Under
+            ZeRO-3 each forward gathers parameters collectively, so ranks must take the same number of
+            forwards: none stops before all are done. None: stop as soon as this rank is done.
 
     Returns:
         A ``Rollout`` with N = B x G rows.
 
     """
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # per module: keeps e.g. checkpointing flags
     model.eval()
     ids = prompt_ids.repeat_interleave(cfg.group_size, dim=0)
     attn = prompt_mask.repeat_interleave(cfg.group_size, dim=0).long()
@@ -177,13 +182,17 @@ def sample(
             topk_lps.append(k_lp)
         tokens.append(tok)
         finished = finished | (tok == eos_id)
-        if bool(finished.all()) or step == cfg.max_new_tokens - 1:
+        done = bool(finished.all())
+        if all_ranks_done is not None:
+            done = all_ranks_done(done)
+        if done or step == cfg.max_new_tokens - 1:
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         out = model(input_ids=tok.unsqueeze(-1), attention_mask=attn, position_ids=next_pos, cache=past, use_cache=True)
         past, logits = _cache_of(out), out.logits[:, -1]
         next_pos = next_pos + 1
-    model.train(was_training)
+    for module, mode in modes:
+        module.training = mode
     completion = torch.stack(tokens, dim=1)
     is_eos = completion == eos_id
     # Valid: every position up to and including the first EOS.

@@ -137,9 +137,11 @@ def ensure_sft_checkpoint(
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "sft_metrics.json").write_text(json.dumps(metrics, indent=2))
-    if folder.exists():  # a concurrent writer won; keep theirs
+    if (folder / "config.json").is_file():  # a concurrent writer won; keep theirs
         shutil.rmtree(tmp)
     else:
+        if folder.exists():  # an incomplete folder (e.g. written without weights): replace it
+            shutil.rmtree(folder)
         tmp.rename(folder)
     log(
         f"[sft] SFT policy accuracy: train {metrics['train_accuracy']:.3f}, val {metrics['val_accuracy']:.3f} "

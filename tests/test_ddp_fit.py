@@ -106,3 +106,18 @@ def test_sft_cache_written_on_a_non_zero_global_rank_is_complete(tmp_path, monke
     assert (folder / "config.json").is_file()
     monkeypatch.undo()
     load_pretrained(folder)  # weights and tokenizer are all there
+
+
+def test_an_incomplete_sft_cache_folder_is_replaced(tmp_path):
+    from cappo_pl.data import SumTask
+    from cappo_pl.models import SFTConfig, TinyModelConfig
+    from cappo_pl.sft import ensure_sft_checkpoint, sft_cache_key
+
+    task = SumTask()
+    tiny = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    sft = SFTConfig(steps=2, batch_size=8, eval_samples=1, cache_dir=str(tmp_path))
+    broken = tmp_path / sft_cache_key(tiny, sft, task.train_records())
+    broken.mkdir()
+    (broken / "sft_metrics.json").write_text('{"train_accuracy": 0, "val_accuracy": 0}')  # no weights
+    folder = ensure_sft_checkpoint(tiny, sft, task.train_records(), task.val_records(), task.reward_fn(), log=print)
+    assert folder == broken and (folder / "config.json").is_file()

@@ -140,3 +140,40 @@ def test_mixed_precision_runs(cli_args, tmp_path, precision):
     assert len(rows) == 2
     for key in ("train/policy/entropy", "train/policy/kl_ref", "train/grad_norm"):
         assert all(math.isfinite(float(r[key])) for r in rows), key
+
+
+def test_gradient_checkpointing_survives_sampling():
+    """The sampler switches the model to eval and back; the checkpointing flags must come back with it."""
+    from cappo_pl.rollout import RolloutConfig, sample
+
+    model, tok = _model()
+    model.eval()
+    enable_gradient_checkpointing(model)
+    enc = tok(["12="], return_tensors="pt")
+    sample(model, enc["input_ids"], enc["attention_mask"], RolloutConfig(group_size=2, max_new_tokens=3),
+           tok.eos_token_id, tok.pad_token_id, torch.Generator().manual_seed(0))  # fmt: skip
+    assert all(layer.training for layer in model.model.layers)
+    assert not model.training and not model.model.layers[0].self_attn.training
+
+
+def test_rollout_waits_for_every_rank_when_asked():
+    from cappo_pl.rollout import RolloutConfig, sample
+
+    model, tok = _model()
+    enc = tok(["12="], return_tensors="pt")
+    cfg = RolloutConfig(group_size=2, max_new_tokens=6, temperature=1e-4)  # greedy: a known first token
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    first = int(sample(model, enc["input_ids"], enc["attention_mask"], cfg, -1, tok.pad_token_id, gen())
+                .completion_ids[0, 0])  # fmt: skip
+    alone = sample(model, enc["input_ids"], enc["attention_mask"], cfg, first, tok.pad_token_id, gen())
+    assert alone.completion_ids.shape[1] == 1  # every row ends at once (its first token is "EOS")
+    asked = []
+
+    def others_not_done(done):  # another rank is still sampling: this one must keep stepping
+        asked.append(done)
+        return False
+
+    synced = sample(model, enc["input_ids"], enc["attention_mask"], cfg, first, tok.pad_token_id, gen(),
+                    others_not_done)  # fmt: skip
+    assert synced.completion_ids.shape[1] == 6 and asked == [True] * 6
+    assert synced.completion_mask[:, 1:].sum() == 0  # the extra steps are padding

@@ -38,6 +38,15 @@ class ExportHF(pl.Callback):
     def __init__(self, dirpath: str | None = None) -> None:
         self.dirpath = dirpath
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from cappo_pl.errors import ConfigError
+        from cappo_pl.gradients import zero_stage
+
+        if zero_stage(trainer.strategy) == 3:  # rank 0 alone holds only its shard of every weight
+            raise ConfigError(
+                "trainer.callbacks: ExportHF cannot write ZeRO-3 shards; convert the checkpoint with cli.py to-hf"
+            )
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:  # every rank holds the same weights under DDP
             return
