@@ -252,7 +252,7 @@ class RLModule(SRRHooks, pl.LightningModule):
         sync = None
         if zero_stage(self.trainer.strategy) == 3:  # every forward gathers shards: ranks stop together
             world = float(self.trainer.world_size)
-            sync = lambda done: float(self.trainer.strategy.reduce(torch.tensor(float(done)), "sum")) == world  # noqa: E731
+            sync = lambda done: float(self.trainer.strategy.reduce(torch.tensor(float(done)), reduce_op="sum")) == world  # noqa: E731
         ro = sample(
             self.policy, enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device),
             cfg, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, gen, sync,
