@@ -1,4 +1,6 @@
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -36,19 +38,28 @@ def cli_args(sft_cache, tmp_path):
     """Common overrides: tiny model, shared SFT cache, logs under tmp_path."""
 
     def make(config="configs/grpo.yaml", steps=3, extra=()):
-        return [
-            "fit",
-            "--config",
-            os.path.join(ROOT, config),
-            *TINY_ARGS,
-            f"--model.policy.sft.cache_dir={sft_cache}",
-            f"--data.steps_per_epoch={steps}",
-            "--data.prompts_per_step=4",
-            "--model.rollout.group_size=4",
-            "--model.val_samples=2",
-            f"--trainer.default_root_dir={tmp_path}",
-            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-            *extra,
-        ]
+        return tiny_fit_args(config, sft_cache, tmp_path, steps, extra)
 
     return make
+
+
+# A CLI run in a subprocess (multi-process strategies relaunch the script): ``[*CLI, *tiny_fit_args(...)]``.
+CLI = [sys.executable, os.path.join(ROOT, "cli.py")]
+
+
+def tiny_fit_args(config, sft_cache, root, steps=3, extra=()):
+    """``fit`` arguments of a short run of ``config`` on the tiny model, logging under ``root``/runs."""
+    return [
+        "fit",
+        "--config",
+        os.path.join(ROOT, config),
+        *TINY_ARGS,
+        f"--model.policy.sft.cache_dir={sft_cache}",
+        f"--data.steps_per_epoch={steps}",
+        "--data.prompts_per_step=4",
+        "--model.rollout.group_size=4",
+        "--model.val_samples=2",
+        f"--trainer.default_root_dir={root}",
+        f"--trainer.logger.init_args.save_dir={Path(root) / 'runs'}",
+        *extra,
+    ]

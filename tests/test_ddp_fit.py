@@ -6,21 +6,15 @@ import csv
 import glob
 import os
 import subprocess
-import sys
 
 import pytest
-from conftest import ROOT, TINY_ARGS
+from conftest import CLI, ROOT, tiny_fit_args
 
 
 def _fit(tmp_path, sft_cache, config, strategy, extra=()):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    args = [
-        sys.executable, os.path.join(ROOT, "cli.py"), "fit", "--config", os.path.join(ROOT, "configs", config),
-        *TINY_ARGS, f"--model.policy.sft.cache_dir={sft_cache}", "--data.steps_per_epoch=2",
-        "--data.prompts_per_step=4", "--model.rollout.group_size=4", "--model.val_samples=2",
-        "--trainer.devices=2", f"--trainer.strategy={strategy}", f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", "--trainer.logger.init_args.name=ddp", *extra,
-    ]  # fmt: skip
+    strategy_args = ["--trainer.devices=2", f"--trainer.strategy={strategy}", "--trainer.logger.init_args.name=ddp"]
+    args = [*CLI, *tiny_fit_args(f"configs/{config}", sft_cache, tmp_path, 2, [*strategy_args, *extra])]
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
     return proc
 
@@ -60,14 +54,11 @@ def test_two_node_simulation_one_process_per_node(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    nodes = ["--trainer.num_nodes=2", "--trainer.devices=1", "--trainer.strategy=ddp"]
     args = [
-        sys.executable, os.path.join(ROOT, "cli.py"), "fit", "--config", os.path.join(ROOT, "configs", "grpo.yaml"),
-        *TINY_ARGS, f"--model.policy.sft.cache_dir={sft_cache}", "--data.steps_per_epoch=2",
-        "--data.prompts_per_step=4", "--model.rollout.group_size=4", "--model.val_samples=2",
-        "--trainer.num_nodes=2", "--trainer.devices=1", "--trainer.strategy=ddp",
-        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-        "--trainer.logger.init_args.name=nodes",
-    ]  # fmt: skip
+        *CLI,
+        *tiny_fit_args("configs/grpo.yaml", sft_cache, tmp_path, 2, [*nodes, "--trainer.logger.init_args.name=nodes"]),
+    ]
     base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "MASTER_ADDR": "127.0.0.1"}
     procs = [
         subprocess.Popen(

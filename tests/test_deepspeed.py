@@ -11,11 +11,10 @@ import csv
 import glob
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY_ARGS
+from conftest import CLI, ROOT, tiny_fit_args
 
 pytest.importorskip("deepspeed")
 
@@ -28,17 +27,14 @@ def _fit(tmp_path, sft_cache, stage, name, extra=(), config=GRPO):
         **os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
         "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
     }  # fmt: skip
-    args = [
-        sys.executable, os.path.join(ROOT, "cli.py"), "fit", "--config", config,
+    strategy = [
         "--config", os.path.join(ROOT, "configs", "strategy", f"deepspeed_zero{stage}.yaml"),
         "--trainer.accelerator=cpu", "--trainer.strategy=deepspeed_cpu.DeepSpeedOnCPU",
         f"--trainer.strategy.stage={stage}",
-        *TINY_ARGS, f"--model.policy.sft.cache_dir={sft_cache}", "--data.steps_per_epoch=2",
-        "--data.prompts_per_step=4", "--model.rollout.group_size=4", "--model.val_samples=2",
         "--model.overlong.buffer_len=6",  # a reward signal for the barely trained model, so weights move
-        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-        f"--trainer.logger.init_args.name={name}", *extra,
+        f"--trainer.logger.init_args.name={name}",
     ]  # fmt: skip
+    args = [*CLI, *tiny_fit_args(config, sft_cache, tmp_path, 2, [*strategy, *extra])]
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=500, cwd=tmp_path)
     return proc
 
