@@ -252,7 +252,7 @@ class RLModule(SRRHooks, pl.LightningModule):
         sync = None
         if zero_stage(self.trainer.strategy) == 3:  # every forward gathers shards: ranks stop together
             world = float(self.trainer.world_size)
-            sync = lambda done: float(self.trainer.strategy.reduce(torch.tensor(float(done)), reduce_op="sum")) == world  # noqa: E731
+            sync = lambda done: float(self._sum_over_ranks(torch.tensor(float(done)))) == world  # noqa: E731
         ro = sample(
             self.policy, enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device),
             cfg, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, gen, sync,
@@ -387,11 +387,10 @@ class RLModule(SRRHooks, pl.LightningModule):
 
     def _critic_backward(self, sub: Rollout, old_values: Tensor, returns: Tensor, mask: Tensor) -> dict[str, Tensor]:
         """Clipped value loss on the mini-batch -> the critic's gradients, clipped apart from the policy's."""
-        world = self.trainer.world_size
         metrics = critic_backward(
             self.critic, self.critic_cfg, sub.input_ids, sub.attention_mask, old_values, returns, mask,
             backward=self.manual_backward, grad_scale=self._amp_scale(),
-            all_reduce=(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if world > 1 else None,
+            all_reduce=self._sum_over_ranks if self.trainer.world_size > 1 else None,
         )  # fmt: skip
         return {f"critic/{k}": v for k, v in metrics.items()}
 
@@ -415,9 +414,12 @@ class RLModule(SRRHooks, pl.LightningModule):
             losses, weights, self.combiner, self.gradients.space,
             lambda loss, retain: self.manual_backward(loss, retain_graph=retain), self._trainable(),
             hidden=cur.hidden, logp=cur.logp, entropy=cur.entropy, gram_stats=cur.gram_stats,
-            all_reduce=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"),
+            all_reduce=self._sum_over_ranks,
             world_size=self.trainer.world_size, monitor=self.gradients.monitor, grad_scale=self._amp_scale(),
         )  # fmt: skip
+
+    def _sum_over_ranks(self, t: Tensor) -> Tensor:
+        return self.trainer.strategy.reduce(t, reduce_op="sum")
 
     def _amp_scale(self) -> float:
         """Current fp16 GradScaler scale (1.0 without one: fp32, bf16)."""
