@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from cappo_pl.losses.aggregation import GlobalBatch
+
 
 def _groups(x: Tensor, group_size: int) -> Tensor:
     if x.ndim != 1:
@@ -28,11 +30,22 @@ def _prepare(rewards: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
     return torch.where(m, rewards.float(), torch.zeros_like(rewards, dtype=torch.float32)), m.float()
 
 
-def _masked_mean_std(x: Tensor, m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean and unbiased std of ``x`` over ``m`` along the last dim, and the count."""
-    n = m.sum(-1, keepdim=True)
-    mean = (x * m).sum(-1, keepdim=True) / n.clamp_min(1.0)
-    var = (((x - mean) * m) ** 2).sum(-1, keepdim=True) / (n - 1).clamp_min(1.0)
+def _masked_mean_var(x: Tensor, m: Tensor, dp: GlobalBatch | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean and unbiased variance of ``x`` over ``m`` along the last dim, and the count.
+
+    With ``dp`` the sums run over every rank's entries too (two passes, as without), so batch-level
+    statistics are those of the global batch.
+    """
+    total = (lambda t: t) if dp is None else dp.sum
+    n = total(m.sum(-1, keepdim=True))
+    mean = total((x * m).sum(-1, keepdim=True)) / n.clamp_min(1.0)
+    var = total((((x - mean) * m) ** 2).sum(-1, keepdim=True)) / (n - 1).clamp_min(1.0)
+    return mean, var, n
+
+
+def _masked_mean_std(x: Tensor, m: Tensor, dp: GlobalBatch | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean and unbiased std of ``x`` over ``m`` along the last dim, and the count (``dp``: as above)."""
+    mean, var, n = _masked_mean_var(x, m, dp)
     return mean, var.sqrt(), n
 
 
@@ -87,7 +100,12 @@ def rloo_advantages(rewards: Tensor, group_size: int, valid: Tensor | None = Non
 
 
 def reinforce_pp_advantages(
-    rewards: Tensor, group_size: int, eps: float = 1e-8, group_baseline: bool = False, valid: Tensor | None = None
+    rewards: Tensor,
+    group_size: int,
+    eps: float = 1e-8,
+    group_baseline: bool = False,
+    valid: Tensor | None = None,
+    dp: GlobalBatch | None = None,
 ) -> Tensor:
     """REINFORCE++ (Hu 2025): batch-normalised returns, ``A_i = (s_i - mean_B(s)) / (std_B(s) + eps)``.
 
@@ -101,13 +119,14 @@ def reinforce_pp_advantages(
         eps: added to the batch std.
         group_baseline: subtract the group mean before batch normalisation.
         valid: (N,) bool, samples that count.
+        dp: the data-parallel group: normalise over every rank's samples (None: this rank's).
 
     """
     s, m = _prepare(rewards, valid)
     if group_baseline:
         g, gm = _groups(s, group_size), _groups(m, group_size)
         s = (g - _masked_mean_std(g, gm)[0]).reshape(-1)
-    mean, std, n = _masked_mean_std(s, m)
+    mean, std, n = _masked_mean_std(s, m, dp)
     if n.item() < 2:
         return (s - mean) * m
     return (s - mean) / (std + eps) * m
@@ -127,9 +146,19 @@ class AdvantageEstimator:
         raise NotImplementedError
 
     def token_advantages(
-        self, rewards: Tensor, group_size: int, valid: Tensor, mask: Tensor, values: Tensor | None = None
+        self,
+        rewards: Tensor,
+        group_size: int,
+        valid: Tensor,
+        mask: Tensor,
+        values: Tensor | None = None,
+        dp: GlobalBatch | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Per-token advantages (N, T) and value targets (N, T) or None; default: the sequence advantage."""
+        """Per-token advantages (N, T) and value targets (N, T) or None; default: the sequence advantage.
+
+        ``dp``: the data-parallel group, for estimators with batch-level statistics (groups never
+        span ranks: a rank holds whole groups).
+        """
         return self(rewards, group_size, valid).unsqueeze(-1).expand_as(mask), None
 
 
@@ -167,6 +196,10 @@ class ReinforcePlusPlus(AdvantageEstimator):
     def __call__(self, rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
         return reinforce_pp_advantages(rewards, group_size, self.eps, self.group_baseline, valid)
 
+    def token_advantages(self, rewards, group_size, valid, mask, values=None, dp=None):
+        adv = reinforce_pp_advantages(rewards, group_size, self.eps, self.group_baseline, valid, dp)
+        return adv.unsqueeze(-1).expand_as(mask), None
+
 
 def gae_advantages(
     token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95
@@ -201,12 +234,13 @@ def gae_advantages(
     return out * m, (out + v) * m
 
 
-def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
-    """``(x - mean) / sqrt(var + eps)`` over the masked entries (unbiased var; verl ``masked_whiten``)."""
+def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8, dp: GlobalBatch | None = None) -> Tensor:
+    """``(x - mean) / sqrt(var + eps)`` over the masked entries (unbiased var; verl ``masked_whiten``).
+
+    With ``dp`` the mean and variance are those of every rank's entries (verl whitens the global batch).
+    """
     m = mask.float()
-    n = m.sum()
-    mean = (x * m).sum() / n.clamp_min(1.0)
-    var = (((x - mean) * m) ** 2).sum() / (n - 1).clamp_min(1.0)
+    mean, var, _ = _masked_mean_var(x.reshape(-1), m.reshape(-1), dp)
     return (x - mean) * torch.rsqrt(var + eps) * m
 
 
@@ -237,14 +271,12 @@ class GAE(AdvantageEstimator):
     def __call__(self, rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
         raise TypeError("GAE is per token and needs the critic's values: use token_advantages")
 
-    def token_advantages(
-        self, rewards: Tensor, group_size: int, valid: Tensor, mask: Tensor, values: Tensor | None = None
-    ) -> tuple[Tensor, Tensor | None]:
+    def token_advantages(self, rewards, group_size, valid, mask, values=None, dp=None):
         if values is None:
             raise RuntimeError("GAE needs the critic's values (model.critic)")
         r = torch.where(valid.bool(), rewards.float(), torch.zeros_like(rewards, dtype=torch.float32))
         adv, returns = gae_advantages(outcome_token_rewards(r, mask), values, mask, self.gamma, self.lam)
-        return (masked_whiten(adv, mask) if self.whiten else adv), returns
+        return (masked_whiten(adv, mask, dp=dp) if self.whiten else adv), returns
 
 
 def zero_std_groups(rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from cappo_pl.losses.aggregation import AggMode, agg_loss, masked_mean
+from cappo_pl.losses.aggregation import AggMode, GlobalBatch, agg_loss, masked_mean
 from cappo_pl.scoring import position_ids_from_mask
 
 
@@ -92,8 +92,9 @@ def value_loss(
     mask: Tensor,
     cliprange: float | None = 0.2,
     agg: AggMode = "token-mean",
+    dp: GlobalBatch | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO's clipped value loss (module docstring); tensors (B, T).
+    """PPO's clipped value loss (module docstring); tensors (B, T); ``dp`` as in ``agg_loss``.
 
     Returns:
         ``(loss, metrics)``: ``vf_loss``, ``vf_clipfrac`` (tokens where the clipped term is the larger),
@@ -107,7 +108,7 @@ def value_loss(
         v_clip = old_values + (values - old_values).clamp(-cliprange, cliprange)
         clipped = (v_clip - returns) ** 2
         per_token, clipped_more = torch.maximum(unclipped, clipped), clipped > unclipped
-    loss = 0.5 * agg_loss(per_token, mask, agg)
+    loss = 0.5 * agg_loss(per_token, mask, agg, dp=dp)
     with torch.no_grad():
         resid = returns - values.detach()
         var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
@@ -149,11 +150,11 @@ def critic_backward(
     mask: Tensor,
     backward: Callable[[Tensor], None],
     grad_scale: float = 1.0,
-    all_reduce: Callable[[Tensor], Tensor] | None = None,
+    dp: GlobalBatch | None = None,
 ) -> dict[str, Tensor]:
     """One mini-batch of the critic: value loss, backward, gradient clipping of the critic alone.
 
-    A non-finite loss skips the backward on every rank (``all_reduce`` sums the flag), since a NaN
+    A non-finite loss skips the backward on every rank (the flag is summed over ``dp``), since a NaN
     critic would poison GAE, and so every later policy update. With fp16 the gradients still carry
     the GradScaler's ``grad_scale`` here, so the clip threshold is scaled and the reported norm unscaled.
 
@@ -167,17 +168,17 @@ def critic_backward(
         mask: (B, T) tokens in the loss.
         backward: the strategy's backward (``manual_backward``).
         grad_scale: the fp16 GradScaler's scale (1.0 otherwise).
-        all_reduce: sum over ranks (None: one process).
+        dp: the data-parallel group (None: one process): the loss is normalised over its global batch.
 
     Returns:
         ``value_loss``'s metrics plus ``skipped`` (1 when the backward was skipped) and ``grad_norm``.
 
     """
     values = critic(input_ids, attention_mask, returns.shape[1])
-    loss, metrics = value_loss(values, old_values, returns, mask, cfg.cliprange_value, cfg.agg)
+    loss, metrics = value_loss(values, old_values, returns, mask, cfg.cliprange_value, cfg.agg, dp)
     bad = (~torch.isfinite(loss.detach())).float()
-    if all_reduce is not None:  # every rank must take the same branch, or the gradient all-reduce hangs
-        bad = all_reduce(bad)
+    if dp is not None:  # every rank must take the same branch, or the gradient all-reduce hangs
+        bad = dp.sum(bad)
     metrics["skipped"] = (bad > 0).float()
     if bad > 0:
         return metrics

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from cappo_pl.advantages import GRPO, AdvantageEstimator, zero_std_group_fraction
+from cappo_pl.advantages import GRPO, AdvantageEstimator
 from cappo_pl.combiners import Combiner, Scalarized
 from cappo_pl.critic import CriticConfig, ValueModel, check_critic_strategy, critic_backward
 from cappo_pl.data.records import PromptBatch, Record, reward_fields
@@ -31,9 +31,8 @@ from cappo_pl.gradients import (
     is_deepspeed,
     zero_stage,
 )
-from cappo_pl.losses.aggregation import masked_mean
+from cappo_pl.losses.aggregation import GlobalBatch
 from cappo_pl.losses.base import TokenBatch
-from cappo_pl.losses.kl import kl_penalty
 from cappo_pl.metrics import SupportRetentionRatio
 from cappo_pl.models import (
     PolicyConfig,
@@ -48,10 +47,11 @@ from cappo_pl.objectives import Objective, PolicyObjective
 from cappo_pl.optim_config import OptimConfig, PPOConfig
 from cappo_pl.references import ReferenceSet, SRRConfig
 from cappo_pl.rewards.base import call_reward
-from cappo_pl.rollout import Rollout, RolloutConfig, sample
+from cappo_pl.rollout import Rollout, RolloutConfig, row_uniforms, sample
 from cappo_pl.scoring import Scores, check_head_matches_forward, score_completions
 from cappo_pl.sft import ensure_sft_checkpoint, sft_cache_key
 from cappo_pl.srr_hooks import SRRHooks
+from cappo_pl.step_metrics import step_metrics
 
 
 class RLModule(SRRHooks, pl.LightningModule):
@@ -247,7 +247,9 @@ class RLModule(SRRHooks, pl.LightningModule):
         gen.manual_seed(((self.seed * 1_000_003 + index) * 97 + self.global_rank) * 7 + salt)
         return gen
 
-    def _rollout(self, records: list[Record], cfg: RolloutConfig, gen: torch.Generator) -> tuple[Rollout, list[str]]:
+    def _rollout(
+        self, records: list[Record], cfg: RolloutConfig, gen: torch.Generator, uniforms: Tensor | None = None
+    ) -> tuple[Rollout, list[str]]:
         enc = self.tokenizer([r.prompt for r in records], padding=True, padding_side="left", return_tensors="pt")
         sync = None
         if zero_stage(self.trainer.strategy) == 3:  # every forward gathers shards: ranks stop together
@@ -255,14 +257,21 @@ class RLModule(SRRHooks, pl.LightningModule):
             sync = lambda done: float(self._sum_over_ranks(torch.tensor(float(done)))) == world  # noqa: E731
         ro = sample(
             self.policy, enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device),
-            cfg, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, gen, sync,
+            cfg, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, gen, sync, uniforms,
         )  # fmt: skip
         return ro, self.tokenizer.batch_decode(ro.completion_ids, skip_special_tokens=True)
 
-    def _generate(self, records: list[Record], index: int, k: int) -> Generation:
-        """Generation batch ``k`` of RL step ``index``: rollouts and validated task rewards."""
+    def _generate(self, records: list[Record], index: int, k: int, offset: int) -> Generation:
+        """Generation batch ``k`` of RL step ``index`` (prompts from ``offset`` of the global batch)."""
+        cfg, uniforms = self.rollout_cfg, None
+        if cfg.seed_per_prompt:  # row (prompt p of the global batch, sample g): its own stream
+            keys = [
+                (((self.seed * 1_000_003 + index) * 1_009 + k) * 1_000_003 + offset + p) * 1_031 + g
+                for p in range(len(records)) for g in range(cfg.group_size)
+            ]  # fmt: skip
+            uniforms = row_uniforms(keys, cfg.max_new_tokens, self.device)
         # extra batches get their own index space (salts >= 7 would alias the next rank's seeds)
-        ro, texts = self._rollout(records, self.rollout_cfg, self._generator(index + k * 2**32, 0))
+        ro, texts = self._rollout(records, cfg, self._generator(index + k * 2**32, 0), uniforms)
         rewards, valid = self._rewards(records, texts, self.rollout_cfg.group_size)
         correct = (rewards >= self.ppo.success_threshold) & valid
         return Generation(records, ro, texts, rewards, valid, correct)
@@ -296,7 +305,7 @@ class RLModule(SRRHooks, pl.LightningModule):
         # 1-2. Rollouts (G per prompt, with the sampler's logprobs mu) and rewards; DAPO's overlong
         # shaping and dynamic sampling when configured (experience.py).
         exp = collect_experience(
-            batch.records, lambda records, k: self._generate(records, batch.index, k),
+            batch.records, lambda records, k: self._generate(records, batch.index, k, batch.offset),
             lambda k: self.trainer.train_dataloader.extra_batch(batch.index, k).records,
             group, cfg.max_new_tokens, self.tokenizer.pad_token_id, self.dynamic_sampling, self.overlong,
         )  # fmt: skip
@@ -319,7 +328,7 @@ class RLModule(SRRHooks, pl.LightningModule):
         # 4. Advantages per token (a sequence's own, broadcast, or GAE on the critic's values) and the
         # critic's targets; skipped samples carry none.
         old_values = self._values(ro) if self.critic is not None else None
-        advantages, returns = self.advantage.token_advantages(rewards, group, valid, mask, old_values)
+        advantages, returns = self.advantage.token_advantages(rewards, group, valid, mask, old_values, self._dp())
         t2 = time.perf_counter()
 
         # 5. PPO epochs x mini-batches: one optimizer step each.
@@ -341,7 +350,7 @@ class RLModule(SRRHooks, pl.LightningModule):
                     mask=mask[idx], entropy=cur.entropy, old_entropy=old.entropy[idx],
                     ref_logp=None if ref_logp is None else ref_logp[idx], rewards=rewards[idx], correct=correct[idx],
                     loss_scale_factor=float(cfg.max_new_tokens),
-                    topk_logp=cur.topk_logp, rollout_topk_logp=sub.topk_logp,
+                    topk_logp=cur.topk_logp, rollout_topk_logp=sub.topk_logp, dp=self._dp(),
                 )  # fmt: skip
                 losses, metrics = self._objective_losses(tb)
                 opt.zero_grad(set_to_none=True)
@@ -390,7 +399,7 @@ class RLModule(SRRHooks, pl.LightningModule):
         metrics = critic_backward(
             self.critic, self.critic_cfg, sub.input_ids, sub.attention_mask, old_values, returns, mask,
             backward=self.manual_backward, grad_scale=self._amp_scale(),
-            all_reduce=self._sum_over_ranks if self.trainer.world_size > 1 else None,
+            dp=self._dp(),
         )  # fmt: skip
         return {f"critic/{k}": v for k, v in metrics.items()}
 
@@ -421,6 +430,10 @@ class RLModule(SRRHooks, pl.LightningModule):
     def _sum_over_ranks(self, t: Tensor) -> Tensor:
         return self.trainer.strategy.reduce(t, reduce_op="sum")
 
+    def _dp(self) -> GlobalBatch | None:
+        """The data-parallel group losses and batch statistics are normalised over (None: one process)."""
+        return GlobalBatch(self.trainer.world_size, self._sum_over_ranks) if self.trainer.world_size > 1 else None
+
     def _amp_scale(self) -> float:
         """Current fp16 GradScaler scale (1.0 without one: fp32, bf16)."""
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
@@ -432,30 +445,9 @@ class RLModule(SRRHooks, pl.LightningModule):
 
     def _log_step(self, batch, exp, old, ref_logp, update_metrics, times) -> None:
         group = self.rollout_cfg.group_size
-        ro, rewards, valid, correct, mask = exp.rollout, exp.rewards, exp.valid, exp.correct, exp.mask
-        lengths = ro.completion_mask.sum(-1)
-        logs: dict[str, Any] = {
-            "train/reward/mean": rewards[valid].mean() if valid.any() else torch.tensor(float("nan")),
-            "train/reward/std": rewards[valid].std() if valid.sum() > 1 else torch.tensor(0.0),
-            "train/reward/skipped": (~valid).float().sum(),
-            "train/accuracy": correct[valid].float().mean() if valid.any() else torch.tensor(float("nan")),
-            "train/response_length/mean": lengths.mean(),
-            "train/response_length/max": lengths.max(),
-            "train/response_length/truncated_ratio": ro.truncated.float().mean(),
-            "train/zero_std_groups": zero_std_group_fraction(rewards, group, valid),
-            "train/policy/entropy": masked_mean(old.entropy, mask),
-            "train/lr": torch.tensor(self.optimizers().param_groups[0]["lr"]),
-            "train/rl_step": torch.tensor(float(batch.index)),
-            "train/time/rollout_s": torch.tensor(times[1] - times[0]),
-            "train/time/score_s": torch.tensor(times[2] - times[1]),
-            "train/time/update_s": torch.tensor(times[3] - times[2]),
-            **{f"train/{k}": v for k, v in exp.stats.items()},
-        }
-        if ref_logp is not None:
-            logs["train/policy/kl_ref"] = masked_mean(kl_penalty(old.logp, ref_logp, "k3"), mask)
-        # mean over the step's updates that have the key (a skipped update has no Gram metrics)
-        for key in dict.fromkeys(k for m in update_metrics for k in m):
-            logs[f"train/{key}"] = torch.stack([m[key] for m in update_metrics if key in m]).mean()
+        logs = step_metrics(exp, old.logp, old.entropy, ref_logp, update_metrics, times, group, self._dp())
+        logs["train/lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
+        logs["train/rl_step"] = torch.tensor(float(batch.index))
         for obj in self.objectives:
             logs[f"train/objective/{obj.name}/weight"] = torch.tensor(obj.weight)
         logs["train/combiner/skipped_total"] = torch.tensor(float(self.skipped_updates))

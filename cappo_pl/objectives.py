@@ -79,7 +79,7 @@ class EntropyBonus(Objective):
     def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
         if batch.entropy is None:
             raise RuntimeError("EntropyBonus needs the per-token entropy of the current forward")
-        loss = -agg_loss(batch.entropy, batch.mask, self.agg, batch.loss_scale_factor)
+        loss = -agg_loss(batch.entropy, batch.mask, self.agg, batch.loss_scale_factor, batch.dp)
         return loss, {"entropy": masked_mean(batch.entropy.detach(), batch.mask)}
 
 
@@ -108,7 +108,8 @@ class KLPenalty(Objective):
         if batch.ref_logp is None:
             raise RuntimeError("KLPenalty needs reference logprobs")
         kl = kl_penalty(batch.logp, batch.ref_logp, self.estimator)
-        return agg_loss(kl, batch.mask, self.agg, batch.loss_scale_factor), {"kl": masked_mean(kl.detach(), batch.mask)}
+        loss = agg_loss(kl, batch.mask, self.agg, batch.loss_scale_factor, batch.dp)
+        return loss, {"kl": masked_mean(kl.detach(), batch.mask)}
 
 
 class PositiveNLL(Objective):
@@ -132,5 +133,5 @@ class PositiveNLL(Objective):
         if batch.correct is None:
             raise RuntimeError("PositiveNLL needs the samples' correctness")
         mask = batch.mask * batch.correct[:, None].to(batch.mask.dtype)
-        loss = agg_loss(-batch.logp, mask, self.agg, batch.loss_scale_factor)
+        loss = agg_loss(-batch.logp, mask, self.agg, batch.loss_scale_factor, batch.dp)
         return loss, {"positive_frac": batch.correct.float().mean()}

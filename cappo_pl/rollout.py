@@ -32,6 +32,12 @@ class RolloutConfig:
     """Nucleus sampling mass (1.0: off)."""
     top_k_logprobs: int = 0
     """Record the top-k logprobs per position (sampled token forced in), for DPPO Top-K; 0: off."""
+    seed_per_prompt: bool = False
+    """Draw each completion from its own random stream, keyed by (seed, step, the prompt's place in
+    the step's global batch, sample index), by inversion of the CDF. Samples then do not depend on
+    how prompts are split over ranks or batched: a W-rank run draws what one process with W x
+    ``data.prompts_per_step`` draws (up to float noise of batched forwards). Off (default): one
+    stream per rank and step (``torch.multinomial``), as the README's runs used."""
 
 
 @dataclass
@@ -119,6 +125,31 @@ def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
+def inverse_cdf_sample(probs: Tensor, u: Tensor) -> Tensor:
+    """Categorical draws by inversion: the first index whose cumulative probability exceeds ``u``.
+
+    ``i = min{ i : sum_{j<=i} p_j > u * sum_j p_j }``; with u ~ U[0, 1) this is a draw from ``p``
+    (unnormalised rows are fine; zero-probability ids are never drawn).
+
+    Args:
+        probs: (N, V) non-negative.
+        u: (N,) uniforms in [0, 1).
+
+    Returns:
+        (N,) long ids.
+
+    """
+    cdf = probs.cumsum(-1)
+    target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
+
+
+def row_uniforms(keys: list[int], length: int, device: torch.device | str = "cpu") -> Tensor:
+    """(len(keys), length) uniforms; row i from its own CPU generator seeded with ``keys[i]``."""
+    rows = [torch.rand(length, generator=torch.Generator().manual_seed(k % 2**63)) for k in keys]
+    return torch.stack(rows).to(device)
+
+
 def _cache_of(out) -> object:
     # transformers 5.x renamed the returned KV cache from ``past_key_values`` to ``cache``.
     cache = getattr(out, "cache", None)
@@ -135,6 +166,7 @@ def sample(
     pad_id: int,
     generator: torch.Generator | None = None,
     all_ranks_done: Callable[[bool], bool] | None = None,
+    uniforms: Tensor | None = None,
 ) -> Rollout:
     """Sample ``cfg.group_size`` completions per prompt.
 
@@ -149,6 +181,8 @@ def sample(
         all_ranks_done: maps this rank's "every row finished" to "every rank's rows finished". Under
             ZeRO-3 each forward gathers parameters collectively, so ranks must take the same number of
             forwards: none stops before all are done. None: stop as soon as this rank is done.
+        uniforms: (B x G, max_new_tokens) per-row uniforms: token t of row i is drawn by inversion
+            with ``uniforms[i, t]`` (``RolloutConfig.seed_per_prompt``); None: ``generator``.
 
     Returns:
         A ``Rollout`` with N = B x G rows.
@@ -169,7 +203,10 @@ def sample(
         z = logits.float() / cfg.temperature
         logp_all = torch.log_softmax(z, dim=-1)
         probs = torch.softmax(top_p_filter(z, cfg.top_p), dim=-1)
-        tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        if uniforms is None:
+            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        else:
+            tok = inverse_cdf_sample(probs, uniforms[:, step])
         tok = torch.where(finished, torch.full_like(tok, pad_id), tok)
         logps.append(logp_all.gather(-1, tok.unsqueeze(-1)).squeeze(-1))
         if cfg.top_k_logprobs:

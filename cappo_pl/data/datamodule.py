@@ -21,32 +21,50 @@ class PromptStream:
     ``mark_consumed`` and the stream's ``state_dict`` holds that position, so Lightning's
     prefetching cannot make a resumed run skip or repeat a batch. One Lightning epoch is
     ``steps_per_epoch`` batches; iteration stops at the next epoch boundary.
+
+    Under data parallelism (``world_size`` W > 1) every step draws one global batch of
+    ``W x batch_size`` distinct prompts and rank r takes slice r: ranks train on different prompts,
+    and the global batch is the one a single process with ``W x batch_size`` prompts per step draws.
     """
 
-    def __init__(self, records: list[Record], batch_size: int, steps_per_epoch: int, seed: int) -> None:
-        if batch_size > len(records):
-            raise ConfigError(f"data.prompts_per_step={batch_size} is larger than the {len(records)} training prompts")
+    def __init__(
+        self,
+        records: list[Record],
+        batch_size: int,
+        steps_per_epoch: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size * world_size > len(records):
+            raise ConfigError(
+                f"data.prompts_per_step={batch_size} x {world_size} ranks is larger than the "
+                f"{len(records)} training prompts"
+            )
         self.records, self.batch_size, self.steps_per_epoch, self.seed = records, batch_size, steps_per_epoch, seed
+        self.rank, self.world_size = rank, world_size
         self.position = 0
 
+    def _slice(self, picks: list[int], index: int) -> PromptBatch:
+        offset = self.rank * self.batch_size
+        return PromptBatch([self.records[i] for i in picks[offset : offset + self.batch_size]], index, offset)
+
     def batch(self, index: int) -> PromptBatch:
-        """The batch at absolute stream position ``index``."""
-        per_pass = len(self.records) // self.batch_size
-        pass_id, slot = divmod(index, per_pass)
+        """The rank's part of the global batch at absolute stream position ``index``."""
+        size = self.batch_size * self.world_size
+        pass_id, slot = divmod(index, len(self.records) // size)
         order = list(range(len(self.records)))
         random.Random(self.seed * 1_000_003 + pass_id).shuffle(order)
-        picks = order[slot * self.batch_size : (slot + 1) * self.batch_size]
-        return PromptBatch([self.records[i] for i in picks], index)
+        return self._slice(order[slot * size : (slot + 1) * size], index)
 
     def extra_batch(self, index: int, k: int) -> PromptBatch:
-        """The ``k``-th (k >= 1) extra generation batch of step ``index``, for DAPO's dynamic sampling.
+        """The rank's part of the ``k``-th (k >= 1) extra generation batch of step ``index`` (DAPO).
 
         A pure function of ``(seed, index, k)``: uniform prompts without replacement, drawn apart from
         the main order (which it does not advance), so a resumed run draws the same extras.
         """
         rng = random.Random((self.seed * 1_000_003 + index) * 1009 + k)
-        picks = rng.sample(range(len(self.records)), self.batch_size)
-        return PromptBatch([self.records[i] for i in picks], index)
+        return self._slice(rng.sample(range(len(self.records)), self.batch_size * self.world_size), index)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -85,7 +103,8 @@ class RLDataModule(pl.LightningDataModule):
 
     Args:
         task: where records and the reward come from (built-in ``SumTask`` by default, or ``FileTask``).
-        prompts_per_step: prompts per RL step (each gets ``model.rollout.group_size`` completions).
+        prompts_per_step: prompts per RL step and rank (each gets ``model.rollout.group_size``
+            completions); ranks draw distinct prompts, so a step's global batch is world size x this.
         steps_per_epoch: RL steps per Lightning epoch; total RL steps = this x ``trainer.max_epochs``.
         val_prompts: held-out prompts used in validation (None: all).
         val_batch_size: prompts per validation batch.
@@ -136,8 +155,10 @@ class RLDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> PromptStream:
         if self._stream is None:
+            trainer = self.trainer
+            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
             self._stream = PromptStream(
-                self.checked_records("train"), self.prompts_per_step, self.steps_per_epoch, self.seed
+                self.checked_records("train"), self.prompts_per_step, self.steps_per_epoch, self.seed, rank, world
             )
         return self._stream
 

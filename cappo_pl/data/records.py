@@ -28,10 +28,19 @@ class Record:
 
 @dataclass
 class PromptBatch:
-    """A batch of prompts; ``index`` is the absolute position in the training stream (for resume)."""
+    """A batch of prompts.
+
+    Attributes:
+        records: this rank's prompts.
+        index: the absolute position in the training stream (for resume).
+        offset: position of ``records[0]`` in the step's global batch (over all ranks): rank r of W
+            holds prompts ``[offset, offset + len(records))`` of the ``W x len(records)`` drawn.
+
+    """
 
     records: list[Record]
     index: int = -1
+    offset: int = 0
 
     def __len__(self) -> int:
         return len(self.records)

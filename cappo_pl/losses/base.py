@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from cappo_pl.losses.aggregation import AggMode
+from cappo_pl.losses.aggregation import AggMode, GlobalBatch
 
 
 @dataclass
@@ -27,6 +27,8 @@ class TokenBatch:
         loss_scale_factor: L of ``seq-mean-token-sum-norm`` (the rollout's ``max_new_tokens``).
         topk_logp: (B, T, K) current logprobs of the sampler's top-K ids, no grad (DPPO Top-K).
         rollout_topk_logp: (B, T, K) the sampler's own logprobs of those ids (mu; sampled token included).
+        dp: the data-parallel group: losses are normalised over the global mini-batch (``agg_loss``);
+            None with one process.
 
     """
 
@@ -43,6 +45,7 @@ class TokenBatch:
     loss_scale_factor: float | None = None
     topk_logp: Tensor | None = None
     rollout_topk_logp: Tensor | None = None
+    dp: GlobalBatch | None = None
 
 
 class PolicyLoss:

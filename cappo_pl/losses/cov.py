@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cappo_pl.losses.aggregation import AggMode, agg_loss, masked_mean
+from cappo_pl.losses.aggregation import AggMode, GlobalBatch, agg_loss, masked_mean
 from cappo_pl.losses.base import PolicyLoss, TokenBatch
 
 
@@ -48,6 +48,7 @@ def clip_cov_loss(
     eps_high: float = 1.0,
     agg: AggMode = "token-mean",
     loss_scale_factor: float | None = None,
+    dp: GlobalBatch | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clip-Cov (module docstring); ``generator`` draws which candidates are dropped.
 
@@ -65,7 +66,7 @@ def clip_cov_loss(
         pick = torch.randperm(len(candidates), generator=generator)[: _count(ratio, mask)]
         chosen = candidates[pick.to(candidates.device)]
         keep[chosen[:, 0], chosen[:, 1]] = 0.0
-    loss = agg_loss(torch.maximum(loss1, loss2) * keep, mask, agg, loss_scale_factor)
+    loss = agg_loss(torch.maximum(loss1, loss2) * keep, mask, agg, loss_scale_factor, dp=dp)
     with torch.no_grad():
         metrics = {
             "cov_dropped_frac": masked_mean((keep == 0).float(), mask),
@@ -83,6 +84,7 @@ def kl_cov_loss(
     beta: float = 1.0,
     agg: AggMode = "token-mean",
     loss_scale_factor: float | None = None,
+    dp: GlobalBatch | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """KL-Cov (module docstring). Returns ``(loss, metrics)`` with ``cov_penalised_frac``."""
     log_r = (logp - old_logp).clamp(-20.0, 20.0)
@@ -93,7 +95,7 @@ def kl_cov_loss(
     penalised[top] = True
     penalised = penalised.view_as(logp) & (mask > 0)
     per_token = torch.where(penalised, base + beta * log_r.abs(), base)
-    loss = agg_loss(per_token, mask, agg, loss_scale_factor)
+    loss = agg_loss(per_token, mask, agg, loss_scale_factor, dp=dp)
     return loss, {"cov_penalised_frac": masked_mean(penalised.float(), mask)}
 
 
@@ -130,7 +132,7 @@ class ClipCov(PolicyLoss):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + content)
         return clip_cov_loss(
             batch.logp, batch.old_logp, batch.advantages, batch.mask, gen, self.ratio, self.cov_lb, self.cov_ub,
-            self.eps_low, self.eps_high, self.agg, self.scale_factor(batch),
+            self.eps_low, self.eps_high, self.agg, self.scale_factor(batch), dp=batch.dp,
         )  # fmt: skip
 
 
@@ -150,5 +152,5 @@ class KLCov(PolicyLoss):
     def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
         return kl_cov_loss(
             batch.logp, batch.old_logp, batch.advantages, batch.mask, self.ratio, self.beta, self.agg,
-            self.scale_factor(batch),
+            self.scale_factor(batch), dp=batch.dp,
         )  # fmt: skip

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from cappo_pl.errors import ConfigError
-from cappo_pl.losses.aggregation import AggMode, agg_loss, masked_mean
+from cappo_pl.losses.aggregation import AggMode, GlobalBatch, agg_loss, masked_mean
 from cappo_pl.losses.base import PolicyLoss, TokenBatch
 
 Divergence = Literal["binary_tv", "binary_kl", "topk_tv", "topk_kl"]
@@ -112,6 +112,7 @@ def dppo_loss(
     loss_scale_factor: float | None = None,
     pi_topk_logp: Tensor | None = None,
     mu_topk_logp: Tensor | None = None,
+    dp: GlobalBatch | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DPPO surrogate (module docstring); tensors (B, T), Top-K logprobs (B, T, K).
 
@@ -124,7 +125,7 @@ def dppo_loss(
     ratio = torch.exp((logp.detach() - mu_logp.detach()).clamp(max=20.0))
     weight = ratio.clamp(max=tis_cap)
     per_token = -advantages * weight * logp * (~invalid).to(logp.dtype)
-    loss = agg_loss(per_token, mask, agg, loss_scale_factor)
+    loss = agg_loss(per_token, mask, agg, loss_scale_factor, dp=dp)
     with torch.no_grad():
         metrics = {
             "dppo_masked": masked_mean(invalid.float(), mask),
@@ -175,4 +176,5 @@ class DPPO(PolicyLoss):
         return dppo_loss(
             batch.logp, batch.rollout_logp, batch.advantages, batch.mask, self.divergence,
             self.delta_low, self.delta_high, self.tis_cap, self.agg, lsf, batch.topk_logp, batch.rollout_topk_logp,
+            dp=batch.dp,
         )  # fmt: skip

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from cappo_pl.errors import ConfigError
-from cappo_pl.losses.aggregation import AggMode, agg_loss, masked_mean
+from cappo_pl.losses.aggregation import AggMode, GlobalBatch, agg_loss, masked_mean
 from cappo_pl.losses.base import PolicyLoss, TokenBatch
 from cappo_pl.losses.gppo import gppo_metrics, gppo_token_loss
 from cappo_pl.losses.ppo import ppo_clip_token_loss
@@ -45,6 +45,7 @@ def erc_loss(
     beta_high: float = 0.05,
     agg: AggMode = "token-mean",
     loss_scale_factor: float | None = None,
+    dp: GlobalBatch | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Aggregate a per-token base loss (B, T) with ERC's gradient mask.
 
@@ -55,7 +56,7 @@ def erc_loss(
     """
     keep = entropy_ratio_keep(entropy, old_entropy, beta_low, beta_high)
     per_token = torch.where(keep, base_per_token, base_per_token.detach())
-    loss = agg_loss(per_token, mask, agg, loss_scale_factor)
+    loss = agg_loss(per_token, mask, agg, loss_scale_factor, dp=dp)
     with torch.no_grad():
         rho = entropy_ratio(entropy, old_entropy)
         metrics = {"erc_masked_frac": masked_mean((~keep).float(), mask), "entropy_ratio": masked_mean(rho, mask)}
@@ -106,7 +107,8 @@ class ERC(PolicyLoss):
             per_token, regions = ppo_clip_token_loss(*args, self.eps_low, self.eps_high, self.clip_ratio_c)
         lsf = self.scale_factor(batch)
         loss, metrics = erc_loss(
-            per_token, batch.entropy, batch.old_entropy, batch.mask, self.beta_low, self.beta_high, self.agg, lsf
+            per_token, batch.entropy, batch.old_entropy, batch.mask, self.beta_low, self.beta_high, self.agg, lsf,
+            dp=batch.dp,
         )
         regions.setdefault("clipped", regions["low"] | regions["high"])
         return loss, {**gppo_metrics(regions, batch.mask), **metrics}

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cappo_pl.losses.aggregation import AggMode, agg_loss, masked_mean
+from cappo_pl.losses.aggregation import AggMode, GlobalBatch, agg_loss, masked_mean
 from cappo_pl.losses.base import PolicyLoss, TokenBatch
 
 
@@ -67,6 +67,7 @@ def gppo_loss(
     clip_ratio_c: float | None = 10.0,
     agg: AggMode = "token-mean",
     loss_scale_factor: float | None = None,
+    dp: GlobalBatch | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """CE-GPPO surrogate (module docstring); tensors (B, T).
 
@@ -76,7 +77,7 @@ def gppo_loss(
 
     """
     per_token, regions = gppo_token_loss(logp, old_logp, advantages, beta1, beta2, eps_low, eps_high, clip_ratio_c)
-    return agg_loss(per_token, mask, agg, loss_scale_factor), gppo_metrics(regions, mask)
+    return agg_loss(per_token, mask, agg, loss_scale_factor, dp=dp), gppo_metrics(regions, mask)
 
 
 def gppo_metrics(regions: dict[str, Tensor], mask: Tensor) -> dict[str, Tensor]:
@@ -122,5 +123,5 @@ class GPPO(PolicyLoss):
         lsf = self.scale_factor(batch)
         return gppo_loss(
             batch.logp, batch.old_logp, batch.advantages, batch.mask, self.beta1, self.beta2,
-            self.eps_low, self.eps_high, self.clip_ratio_c, self.agg, lsf,
+            self.eps_low, self.eps_high, self.clip_ratio_c, self.agg, lsf, dp=batch.dp,
         )  # fmt: skip

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cappo_pl.losses.aggregation import AggMode, agg_loss, masked_mean
+from cappo_pl.losses.aggregation import AggMode, GlobalBatch, agg_loss, masked_mean
 from cappo_pl.losses.base import PolicyLoss, TokenBatch
 
 
@@ -23,6 +23,7 @@ def ppo_clip_loss(
     clip_ratio_c: float | None = 3.0,
     agg: AggMode = "token-mean",
     loss_scale_factor: float | None = None,
+    dp: GlobalBatch | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO-clip surrogate with dual-clip.
 
@@ -36,6 +37,7 @@ def ppo_clip_loss(
         clip_ratio_c: dual-clip constant c (> 1), or None to disable.
         agg: aggregation mode (see ``agg_loss``).
         loss_scale_factor: L of ``seq-mean-token-sum-norm``.
+        dp: the data-parallel group the loss is normalised over (``agg_loss``; None: this rank alone).
 
     Returns:
         ``(loss, metrics)`` with ``clipfrac`` (L2 > L1), ``clipfrac_low`` (A < 0 and r < 1 - eps_low),
@@ -43,7 +45,7 @@ def ppo_clip_loss(
 
     """
     per_token, regions = ppo_clip_token_loss(logp, old_logp, advantages, eps_low, eps_high, clip_ratio_c)
-    loss = agg_loss(per_token, mask, agg, loss_scale_factor)
+    loss = agg_loss(per_token, mask, agg, loss_scale_factor, dp=dp)
     with torch.no_grad():
         metrics = {
             "clipfrac": masked_mean(regions["clipped"].float(), mask),
@@ -128,4 +130,5 @@ class PPOClip(PolicyLoss):
             self.clip_ratio_c,
             self.agg,
             self.scale_factor(batch),
+            dp=batch.dp,
         )

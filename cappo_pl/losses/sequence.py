@@ -9,12 +9,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cappo_pl.losses.aggregation import AggMode, agg_loss, masked_mean
+from cappo_pl.losses.aggregation import AggMode, GlobalBatch, agg_loss, masked_mean
 from cappo_pl.losses.base import PolicyLoss, TokenBatch
 
 
 def gspo_loss(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, eps_low: float = 3e-4, eps_high: float = 4e-4
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    eps_low: float = 3e-4,
+    eps_high: float = 4e-4,
+    dp: GlobalBatch | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GSPO (Zheng et al. 2025), verl's token form with the stop-gradient trick; tensors (B, T).
 
@@ -34,7 +40,7 @@ def gspo_loss(
     s = torch.exp(log_s)
     loss1 = -advantages * s
     loss2 = -advantages * s.clamp(1.0 - eps_low, 1.0 + eps_high)
-    loss = agg_loss(torch.maximum(loss1, loss2), mask, "seq-mean-token-mean")
+    loss = agg_loss(torch.maximum(loss1, loss2), mask, "seq-mean-token-mean", dp=dp)
     with torch.no_grad():
         metrics = {"clipfrac": masked_mean((loss2 > loss1).float(), mask), "seq_ratio": log_seq.exp().mean()}
     return loss, metrics
@@ -49,6 +55,7 @@ def cispo_loss(
     ratio_max: float = 5.0,
     agg: AggMode = "token-mean",
     loss_scale_factor: float | None = None,
+    dp: GlobalBatch | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """CISPO (MiniMax-M1): ``l = -sg(clip(r, ratio_min, ratio_max)) A log pi``; every token keeps a gradient.
 
@@ -57,7 +64,7 @@ def cispo_loss(
     """
     ratio = torch.exp((logp - old_logp).detach().clamp(-20.0, 20.0))
     weight = ratio.clamp(min=ratio_min, max=ratio_max)
-    loss = agg_loss(-weight * advantages * logp, mask, agg, loss_scale_factor)
+    loss = agg_loss(-weight * advantages * logp, mask, agg, loss_scale_factor, dp=dp)
     with torch.no_grad():
         clipped = ratio > ratio_max
         if ratio_min is not None:
@@ -81,7 +88,8 @@ class GSPO(PolicyLoss):
         self.eps_low, self.eps_high = eps_low, eps_high
 
     def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        return gspo_loss(batch.logp, batch.old_logp, batch.advantages, batch.mask, self.eps_low, self.eps_high)
+        b = batch
+        return gspo_loss(b.logp, b.old_logp, b.advantages, b.mask, self.eps_low, self.eps_high, b.dp)
 
 
 class CISPO(PolicyLoss):
@@ -107,7 +115,8 @@ class CISPO(PolicyLoss):
     def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
         lsf = self.scale_factor(batch)
         return cispo_loss(
-            batch.logp, batch.old_logp, batch.advantages, batch.mask, self.ratio_min, self.ratio_max, self.agg, lsf
+            batch.logp, batch.old_logp, batch.advantages, batch.mask, self.ratio_min, self.ratio_max, self.agg, lsf,
+            dp=batch.dp,
         )
 
 
@@ -125,4 +134,4 @@ class GPG(PolicyLoss):
 
     def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
         lsf = self.scale_factor(batch)
-        return agg_loss(-batch.advantages * batch.logp, batch.mask, self.agg, lsf), {}
+        return agg_loss(-batch.advantages * batch.logp, batch.mask, self.agg, lsf, batch.dp), {}
