@@ -2,7 +2,7 @@
 
 Usage: ``python tests/ddp_probe.py OUT_DIR DEVICES``. Every rank takes its contiguous slice of one
 fixed global batch; the per-rank losses are means over equal-sized slices, so their average is the
-single-process loss over the global batch. For each Gram space it writes the coefficients, the Gram
+single-process loss over the global batch. For each combiner and Gram space it writes the coefficients, the Gram
 and a parameter checksum after one optimizer step (``OUT_DIR/rank<r>.json``).
 """
 
@@ -16,13 +16,14 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from cappo_pl.combiners import MGDA
+from cappo_pl.combiners import MGDA, CAGrad, PCGrad, Scalarized, UPGrad
 from cappo_pl.gradients import combined_backward
 from cappo_pl.losses.aggregation import agg_loss
 from cappo_pl.models import TinyModelConfig, build_char_tokenizer, build_tiny_model
 from cappo_pl.scoring import score_completions
 
 GLOBAL = 8  # sequences in the global batch
+COMBINERS = {"Scalarized": Scalarized, "MGDA": MGDA, "PCGrad": PCGrad, "CAGrad": CAGrad, "UPGrad": UPGrad}
 
 
 def global_batch():
@@ -63,17 +64,19 @@ class Probe(pl.LightningModule):
         b = {k: v[r * per : (r + 1) * per] for k, v in global_batch().items()}
         opt = self.optimizers()
         record = {}
-        for space in ("params", "hidden"):
-            opt.zero_grad(set_to_none=True)
-            s, losses = self.losses(b, space)
-            update = combined_backward(
-                losses, torch.tensor([1.0, 0.01, 0.05]), MGDA(), space,
-                lambda loss, retain: self.manual_backward(loss, retain_graph=retain), list(self.policy.parameters()),
-                logp=s.logp, entropy=s.entropy, gram_stats=s.gram_stats, world_size=n,
-                all_reduce=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"),
-            )  # fmt: skip
-            grad = torch.cat([p.grad.reshape(-1) for p in self.policy.parameters() if p.grad is not None])
-            record[space] = {"c": update.coefficients.tolist(), "gram": update.gram.tolist(), "grad": grad.tolist()}
+        for name, combiner in COMBINERS.items():
+            for space in ("params", "hidden"):
+                opt.zero_grad(set_to_none=True)
+                s, losses = self.losses(b, space)
+                update = combined_backward(
+                    losses, torch.tensor([1.0, 0.01, 0.05]), combiner(), space,
+                    lambda loss, retain: self.manual_backward(loss, retain_graph=retain),
+                    list(self.policy.parameters()), logp=s.logp, entropy=s.entropy, gram_stats=s.gram_stats,
+                    world_size=n, all_reduce=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"),
+                )  # fmt: skip
+                grad = torch.cat([p.grad.reshape(-1) for p in self.policy.parameters() if p.grad is not None])
+                entry = {"c": update.coefficients.tolist(), "gram": update.gram.tolist(), "grad": grad.tolist()}
+                record[space if name == "MGDA" else f"{name}/{space}"] = entry
         # a loss that is non-finite on one rank only: every rank must skip (a rank-local skip would hang
         # the others in the Gram all-reduce / DDP's gradient reduction)
         opt.zero_grad(set_to_none=True)

@@ -29,19 +29,18 @@ def runs(tmp_path_factory):
     return run_probe(base / "one", 1), run_probe(base / "two", 2)
 
 
+@pytest.mark.parametrize("combiner", ["Scalarized", "MGDA", "PCGrad", "CAGrad", "UPGrad"])
 @pytest.mark.parametrize("space", ["params", "hidden"])
-def test_coefficients_identical_across_ranks_and_equal_to_one_process(runs, space):
+def test_coefficients_identical_across_ranks_and_equal_to_one_process(runs, space, combiner):
     (single,), (r0, r1) = runs
-    assert r0[space]["c"] == r1[space]["c"]  # bit-identical: same Gram, deterministic float64 solve
-    torch.testing.assert_close(
-        torch.tensor(r0[space]["gram"]), torch.tensor(single[space]["gram"]), rtol=1e-4, atol=1e-12
-    )
-    torch.testing.assert_close(torch.tensor(r0[space]["c"]), torch.tensor(single[space]["c"]), rtol=1e-5, atol=1e-7)
+    key = space if combiner == "MGDA" else f"{combiner}/{space}"
+    assert r0[key]["c"] == r1[key]["c"]  # bit-identical: same Gram, deterministic float64 solve
+    torch.testing.assert_close(torch.tensor(r0[key]["gram"]), torch.tensor(single[key]["gram"]), rtol=1e-4, atol=1e-12)
+    torch.testing.assert_close(torch.tensor(r0[key]["c"]), torch.tensor(single[key]["c"]), rtol=1e-5, atol=1e-7)
     # the applied (all-reduced) gradient is the single-process one on every rank
     for r in (r0, r1):
-        torch.testing.assert_close(
-            torch.tensor(r[space]["grad"]), torch.tensor(single[space]["grad"]), rtol=1e-4, atol=1e-7
-        )
+        grad, reference = torch.tensor(r[key]["grad"]), torch.tensor(single[key]["grad"])
+        torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-7)
 
 
 def test_ranks_stay_in_sync_after_the_step(runs):
