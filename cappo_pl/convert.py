@@ -1,10 +1,11 @@
-"""Turn a training checkpoint (a ``.ckpt`` file or a DeepSpeed ZeRO checkpoint folder) into a plain HF folder.
+"""Turn a training checkpoint (a ``.ckpt`` file, a ZeRO or an FSDP shard folder) into a plain HF folder.
 
 ``python cli.py to-hf --ckpt CKPT --base BASE_HF_FOLDER --out OUT``.
 
 The base folder supplies the architecture and tokenizer (``model.policy.path``, or the SFT cache folder of the
 built-in model); the checkpoint's ``policy.*`` weights replace its weights. ZeRO-2/3 shards are consolidated in
-fp32 by DeepSpeed's own ``zero_to_fp32`` (through Lightning). A LoRA checkpoint is refused: export those with the
+fp32 by DeepSpeed's own ``zero_to_fp32`` (through Lightning), FSDP shard folders (torch.distributed.checkpoint)
+by torch's ``dcp_to_torch_save``. A LoRA checkpoint is refused: export those with the
 ``ExportHF`` callback, which merges the adapters.
 """
 
@@ -21,8 +22,15 @@ from cappo_pl.models import load_pretrained
 
 
 def checkpoint_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
-    """The checkpoint's ``state_dict`` (ZeRO folders consolidated to fp32)."""
+    """The checkpoint's ``state_dict`` (ZeRO and FSDP shard folders consolidated)."""
     path = Path(ckpt)
+    if path.is_dir() and (path / ".metadata").is_file():  # FSDP: a torch.distributed.checkpoint folder
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "consolidated.pt"
+            dcp_to_torch_save(path, out)
+            return torch.load(out, map_location="cpu", weights_only=False)["state_dict"]
     if path.is_dir():  # DeepSpeed writes a folder (sharded model / optimizer states per rank)
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
@@ -67,7 +75,7 @@ def checkpoint_to_hf(ckpt: str | Path, base: str | Path, out: str | Path) -> Pat
 def main(args: list[str]) -> None:
     """``cli.py to-hf``."""
     p = argparse.ArgumentParser(prog="cli.py to-hf", description=__doc__)
-    p.add_argument("--ckpt", required=True, help="a .ckpt file or a DeepSpeed checkpoint folder (last.ckpt/)")
+    p.add_argument("--ckpt", required=True, help="a .ckpt file, or a ZeRO / FSDP checkpoint folder (last.ckpt/)")
     p.add_argument("--base", required=True, help="HF folder with the policy's architecture and tokenizer")
     p.add_argument("--out", required=True, help="where to write the HF folder (float32 weights)")
     ns = p.parse_args(args)

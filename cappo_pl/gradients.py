@@ -270,10 +270,20 @@ def is_deepspeed(strategy: object) -> bool:
 
 
 def is_fsdp(strategy: object) -> bool:
-    """A Lightning FSDP strategy (or a subclass)."""
-    from lightning.pytorch.strategies import FSDPStrategy
+    """A Lightning FSDP strategy: FSDPStrategy, or ModelParallelStrategy (FSDP2; ``cappo_pl.strategies.FSDP``)."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-    return isinstance(strategy, FSDPStrategy)
+    return isinstance(strategy, FSDPStrategy | ModelParallelStrategy)
+
+
+def grad_norm(params) -> Tensor:
+    """Global l2 norm of the parameters' gradients (0 without any); FSDP2's sharded DTensor gradients included."""
+    params = list(params)
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=params[0].device if params else None)
+    norm = torch.nn.utils.get_total_norm(grads)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def deepspeed_gradient_clipping(strategy: object, clip: float | None) -> None:

@@ -27,9 +27,9 @@ from cappo_pl.gradients import (
     check_space,
     combined_backward,
     deepspeed_gradient_clipping,
+    grad_norm,
     gram_metrics,
     is_deepspeed,
-    zero_stage,
 )
 from cappo_pl.losses.aggregation import GlobalBatch
 from cappo_pl.losses.base import TokenBatch
@@ -47,11 +47,12 @@ from cappo_pl.objectives import Objective, PolicyObjective
 from cappo_pl.optim_config import OptimConfig, PPOConfig
 from cappo_pl.references import ReferenceSet, SRRConfig
 from cappo_pl.rewards.base import call_reward
-from cappo_pl.rollout import Rollout, RolloutConfig, row_uniforms, sample
+from cappo_pl.rollout import Rollout, RolloutConfig, prompt_row_keys, row_uniforms, sample
 from cappo_pl.scoring import Scores, check_head_matches_forward, score_completions
 from cappo_pl.sft import ensure_sft_checkpoint, sft_cache_key
 from cappo_pl.srr_hooks import SRRHooks
 from cappo_pl.step_metrics import step_metrics
+from cappo_pl.strategies import is_fsdp2, is_sharded, shard_policy, shards_parameters
 
 
 class RLModule(SRRHooks, pl.LightningModule):
@@ -194,12 +195,19 @@ class RLModule(SRRHooks, pl.LightningModule):
             self._peft = [add_lora(self.policy, cfg.lora)]
         check_space(self.gradients.space, self.trainer.strategy)
         deepspeed_gradient_clipping(self.trainer.strategy, self.ppo.clip_grad_norm)
-        if self.dynamic_sampling.enabled and zero_stage(self.trainer.strategy) == 3:
+        if self.dynamic_sampling.enabled and shards_parameters(self.trainer.strategy):
             # ranks may draw different numbers of generation batches, i.e. of collective forwards
-            raise ConfigError("model.dynamic_sampling: not supported under ZeRO-3 yet")
+            raise ConfigError("model.dynamic_sampling: not supported under ZeRO-3 or FSDP yet")
         if self.needs_ref and not self._peft:
             self._reference = [freeze(copy.deepcopy(self.policy))]
         self.reward_fn = self.trainer.datamodule.task.reward_fn()
+
+    def configure_model(self) -> None:
+        """Under FSDP (``cappo_pl.strategies.FSDP``): shard the policy; the reference stays a full copy."""
+        if is_fsdp2(self.trainer.strategy) and not is_sharded(self.policy):
+            if self._peft:
+                raise ConfigError("model.policy.lora: not supported under FSDP yet (use DDP or DeepSpeed)")
+            shard_policy(self.policy, self.device_mesh["data_parallel"])
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.policy.parameters() if p.requires_grad]  # LoRA: the adapters only
@@ -252,7 +260,7 @@ class RLModule(SRRHooks, pl.LightningModule):
     ) -> tuple[Rollout, list[str]]:
         enc = self.tokenizer([r.prompt for r in records], padding=True, padding_side="left", return_tensors="pt")
         sync = None
-        if zero_stage(self.trainer.strategy) == 3:  # every forward gathers shards: ranks stop together
+        if shards_parameters(self.trainer.strategy):  # every forward gathers shards: ranks stop together
             world = float(self.trainer.world_size)
             sync = lambda done: float(self._sum_over_ranks(torch.tensor(float(done)))) == world  # noqa: E731
         ro = sample(
@@ -264,11 +272,8 @@ class RLModule(SRRHooks, pl.LightningModule):
     def _generate(self, records: list[Record], index: int, k: int, offset: int) -> Generation:
         """Generation batch ``k`` of RL step ``index`` (prompts from ``offset`` of the global batch)."""
         cfg, uniforms = self.rollout_cfg, None
-        if cfg.seed_per_prompt:  # row (prompt p of the global batch, sample g): its own stream
-            keys = [
-                (((self.seed * 1_000_003 + index) * 1_009 + k) * 1_000_003 + offset + p) * 1_031 + g
-                for p in range(len(records)) for g in range(cfg.group_size)
-            ]  # fmt: skip
+        if cfg.seed_per_prompt:  # each row its own stream, keyed by its place in the global batch
+            keys = prompt_row_keys(self.seed, index, k, offset, len(records), cfg.group_size)
             uniforms = row_uniforms(keys, cfg.max_new_tokens, self.device)
         # extra batches get their own index space (salts >= 7 would alias the next rank's seeds)
         ro, texts = self._rollout(records, cfg, self._generator(index + k * 2**32, 0), uniforms)
@@ -363,7 +368,7 @@ class RLModule(SRRHooks, pl.LightningModule):
                     self.skipped_updates += 1
                     if self._amp_scale() == 1.0:  # an fp16 GradScaler must see the overflow to lower its scale
                         opt.zero_grad(set_to_none=True)
-                metrics["grad_norm"] = self._grad_norm()
+                metrics["grad_norm"] = grad_norm(self.policy.parameters())
                 if self.ppo.clip_grad_norm is not None:  # only the policy's gradients exist at this point
                     self.clip_gradients(opt, gradient_clip_val=self.ppo.clip_grad_norm, gradient_clip_algorithm="norm")
                 if self.critic is not None:
@@ -439,9 +444,6 @@ class RLModule(SRRHooks, pl.LightningModule):
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
-    def _grad_norm(self) -> Tensor:
-        norms = [p.grad.detach().norm() for p in self.policy.parameters() if p.grad is not None]
-        return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), device=self.device)
 
     def _log_step(self, batch, exp, old, ref_logp, update_metrics, times) -> None:
         group = self.rollout_cfg.group_size

@@ -144,6 +144,16 @@ def inverse_cdf_sample(probs: Tensor, u: Tensor) -> Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
 
 
+def prompt_row_keys(seed: int, step: int, k: int, offset: int, prompts: int, group_size: int) -> list[int]:
+    """Seeds of the rows of generation batch ``k`` of ``step``, for prompts ``offset ..`` of the global batch.
+
+    Row (p, g) -- sample g of the prompt at place ``offset + p`` -- gets a key that does not depend on
+    the rank holding it (``RolloutConfig.seed_per_prompt``).
+    """
+    base = ((seed * 1_000_003 + step) * 1_009 + k) * 1_000_003 + offset
+    return [(base + p) * 1_031 + g for p in range(prompts) for g in range(group_size)]
+
+
 def row_uniforms(keys: list[int], length: int, device: torch.device | str = "cpu") -> Tensor:
     """(len(keys), length) uniforms; row i from its own CPU generator seeded with ``keys[i]``."""
     rows = [torch.rand(length, generator=torch.Generator().manual_seed(k % 2**63)) for k in keys]

@@ -9,7 +9,9 @@ Entropy: ``H_t = logsumexp(z_t) - sum_v softmax(z_t)_v z_tv`` with ``z = logits 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -117,6 +119,24 @@ def _plain_linear(head: nn.Module, d: int) -> bool:
     return isinstance(head, nn.Linear) and weight is not None and weight.dim() == 2 and weight.shape[1] == d
 
 
+def call_as_forward(model: nn.Module, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` run as ``model``'s own forward, so the hooks on ``model`` fire around it.
+
+    FSDP2 gathers a unit's parameters in its forward pre-hook and arranges the reduce-scatter of
+    their gradients there; scoring runs the trunk and the chunked LM head as separate calls, so under
+    FSDP2 it is routed through the root's call (``scoring`` itself does not change).
+    """
+    saved = model.__dict__.get("forward")  # an instance-level forward (e.g. accelerate's hooks) is put back
+    model.forward = fn
+    try:
+        return model(*args)
+    finally:
+        if saved is None:
+            del model.forward
+        else:
+            model.forward = saved
+
+
 def score_completions(
     model: nn.Module,
     input_ids: Tensor,
@@ -148,6 +168,31 @@ def score_completions(
         ``Scores`` with logp and entropy (B, T) for completion tokens (garbage on padding: mask it).
 
     """
+    args = (completion_len, temperature, chunk_tokens, return_hidden, gram_space, topk_ids)
+    if _is_fsdp2_unit(model):
+        # a tuple of tensors out of the root's forward (FSDP2 hooks its outputs' tensors for backward)
+        as_tuple = lambda ids, mask: tuple(vars(_score(model, ids, mask, *args)).values())  # noqa: E731
+        return Scores(*call_as_forward(model, as_tuple, input_ids, attention_mask))
+    return _score(model, input_ids, attention_mask, *args)
+
+
+def _is_fsdp2_unit(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _score(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_len: int,
+    temperature: float,
+    chunk_tokens: int,
+    return_hidden: bool,
+    gram_space: str | None,
+    topk_ids: Tensor | None,
+) -> Scores:
     out = model.base_model(
         input_ids=input_ids,
         attention_mask=attention_mask,

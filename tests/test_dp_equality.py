@@ -1,4 +1,4 @@
-"""Whole runs under 2-process DDP and DeepSpeed ZeRO-2/3 equal one process over the same global batch.
+"""Whole runs under 2-process DDP, DeepSpeed ZeRO-2/3 and FSDP2 equal one process over the same global batch.
 
 One process draws 4 prompts per step; two ranks draw 2 each, and the stream gives rank r slice r of
 the same 4 (``PromptStream``). ``model.rollout.seed_per_prompt`` makes each completion's random
@@ -67,6 +67,8 @@ def runs(tmp_path_factory, sft_cache):
     out["grpo", "ddp"] = _run(base, sft_cache, "grpo_ddp", "grpo.yaml", 2, ["--trainer.strategy=ddp"])
     for stage in (2, 3):
         out["grpo", f"zero{stage}"] = _run(base, sft_cache, f"grpo_zero{stage}", "grpo.yaml", 2, _zero(stage))
+    fsdp = ("--config", os.path.join(ROOT, "configs", "strategy", "fsdp.yaml"), "--trainer.accelerator=cpu")
+    out["grpo", "fsdp"] = _run(base, sft_cache, "grpo_fsdp", "grpo.yaml", 2, fsdp)
     return out
 
 
@@ -81,7 +83,7 @@ GLOBAL_KEYS = ("train/reward/mean", "train/accuracy", "train/policy/entropy", "t
 
 
 @pytest.mark.parametrize(
-    "config,strategy", [("cappo", "ddp"), ("grpo", "ddp"), ("grpo", "zero2"), ("grpo", "zero3")]
+    "config,strategy", [("cappo", "ddp"), ("grpo", "ddp"), ("grpo", "zero2"), ("grpo", "zero3"), ("grpo", "fsdp")]
 )
 def test_two_ranks_equal_one_process_over_the_same_global_batch(runs, sft_start, config, strategy):
     (rows1, state1), (rows2, state2) = runs[config, 1], runs[config, strategy]
@@ -99,4 +101,5 @@ def test_two_ranks_equal_one_process_over_the_same_global_batch(runs, sft_start,
     assert state1.keys() == state2.keys()
     diff = max((state1[k] - state2[k]).abs().max().item() for k in state1)
     moved = max((state1[k] - sft_start[k]).abs().max().item() for k in state1)
+    print(f"{config} {strategy}: max |w_1 - w_2| = {diff:.2e}, max |w_1 - w_sft| = {moved:.2e}")
     assert diff < 1e-5 and moved > 1e-4, (diff, moved)

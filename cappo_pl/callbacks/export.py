@@ -40,11 +40,11 @@ class ExportHF(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         from cappo_pl.errors import ConfigError
-        from cappo_pl.gradients import zero_stage
+        from cappo_pl.strategies import shards_parameters
 
-        if zero_stage(trainer.strategy) == 3:  # rank 0 alone holds only its shard of every weight
+        if shards_parameters(trainer.strategy):  # rank 0 alone holds only its shard of every weight
             raise ConfigError(
-                "trainer.callbacks: ExportHF cannot write ZeRO-3 shards; convert the checkpoint with cli.py to-hf"
+                "trainer.callbacks: ExportHF cannot write ZeRO-3/FSDP shards; convert the checkpoint with cli.py to-hf"
             )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
