@@ -316,6 +316,15 @@ def zero_stage(strategy: object) -> int:
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
+def offloads_optimizer(strategy: object) -> bool:
+    """DeepSpeed ZeRO-Offload: the optimizer states and step live on the CPU (or NVMe)."""
+    if not is_deepspeed(strategy):
+        return False
+    config = getattr(strategy, "config", None) or {}
+    device = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device in ("cpu", "nvme")
+
+
 def check_space(space: Space, strategy: object) -> None:
     """Refuse ``params`` where ``.grad`` is not the plain, complete gradient the optimizer steps on.
 

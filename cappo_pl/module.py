@@ -30,6 +30,7 @@ from cappo_pl.gradients import (
     grad_norm,
     gram_metrics,
     is_deepspeed,
+    offloads_optimizer,
 )
 from cappo_pl.losses.aggregation import GlobalBatch
 from cappo_pl.losses.base import TokenBatch
@@ -244,7 +245,10 @@ class RLModule(SRRHooks, pl.LightningModule):
         if self.critic is not None:  # one optimizer (DeepSpeed takes only one), the critic as its own group
             lr = self.critic_cfg.lr if self.critic_cfg.lr is not None else o.lr
             groups.append({"params": list(self.critic.parameters()), "lr": lr})
-        opt = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2))
+        adamw = torch.optim.AdamW
+        if offloads_optimizer(self.trainer.strategy):  # DeepSpeed refuses a torch optimizer for ZeRO-Offload
+            from deepspeed.ops.adam import DeepSpeedCPUAdam as adamw  # noqa: N813 (AdamW semantics: adamw_mode)
+        opt = adamw(groups, lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2))
         warm = max(1, o.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -20,16 +20,19 @@ pytest.importorskip("deepspeed")
 
 
 GRPO = os.path.join(ROOT, "configs", "grpo.yaml")
+# a loss that is NaN on rank 1 only, at the second update (RL step 1): every rank must skip that update
+# (no backward, no engine step) and neither may hang
+NAN_ON_RANK1_AT_STEP1 = '--model.objectives+={"class_path": "nan_objective.NaNOnce", "init_args": {"at_call": 2}}'
 
 
-def _fit(tmp_path, sft_cache, stage, name, extra=(), config=GRPO):
+def _fit(tmp_path, sft_cache, stage, name, extra=(), config=GRPO, strategy_config=None):
     env = {
         **os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
         "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
     }  # fmt: skip
     strategy = [
-        "--config", os.path.join(ROOT, "configs", "strategy", f"deepspeed_zero{stage}.yaml"),
-        "--trainer.accelerator=cpu", "--trainer.strategy=deepspeed_cpu.DeepSpeedOnCPU",
+        "--config", os.path.join(ROOT, "configs", "strategy", strategy_config or f"deepspeed_zero{stage}.yaml"),
+        "--trainer.accelerator=cpu", "--trainer.strategy.class_path=deepspeed_cpu.DeepSpeedOnCPU",
         f"--trainer.strategy.stage={stage}",
         "--model.overlong.buffer_len=6",  # a reward signal for the barely trained model, so weights move
         f"--trainer.logger.init_args.name={name}",
@@ -44,7 +47,7 @@ def zero_runs(tmp_path_factory, sft_cache):
     base = tmp_path_factory.mktemp("zero")
     runs = {}
     for stage in (2, 3):
-        proc = _fit(base, sft_cache, stage, f"zero{stage}")
+        proc = _fit(base, sft_cache, stage, f"zero{stage}", [NAN_ON_RANK1_AT_STEP1])
         assert proc.returncode == 0, proc.stderr[-4000:]
         (log_dir,) = glob.glob(str(base / "runs" / f"zero{stage}" / "version_*"))
         runs[stage] = (log_dir, proc.stdout + proc.stderr)
@@ -57,7 +60,10 @@ def test_zero_engines_run_the_training_step_with_two_ranks(zero_runs, stage):
     assert "initializing deepspeed distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in out
     rows = [r for r in csv.DictReader(open(os.path.join(log_dir, "metrics.csv"))) if r.get("train/reward/mean")]
     assert len(rows) == 2
-    assert all(float(r["train/grad_norm"]) > 0 for r in rows)  # the engine's own (pre-clip) norm
+    assert float(rows[0]["train/grad_norm"]) > 0  # the engine's own (pre-clip) norm
+    # the update with a NaN loss on rank 1 was skipped (on every rank: the run finished), the first one was not
+    assert [float(r["train/combiner/skipped_total"]) for r in rows] == [0.0, 1.0]
+    assert [float(r["train/objective/nan_once/calls"]) for r in rows] == [1.0, 2.0]
     ckpt = os.path.join(log_dir, "checkpoints", "last.ckpt")
     assert os.path.isdir(ckpt)  # a sharded DeepSpeed checkpoint: one optimizer partition per rank
     shards = glob.glob(os.path.join(ckpt, "checkpoint", "*zero_pp_rank_*optim_states.pt"))
@@ -102,7 +108,8 @@ def test_params_space_under_deepspeed_is_refused_at_startup(tmp_path, sft_cache)
     assert "model.gradients.space: 'params'" in proc.stderr
 
 
-def test_zero2_resume_from_a_sharded_checkpoint_is_exact(tmp_path, sft_cache):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_resume_from_a_sharded_checkpoint_is_exact(tmp_path, sft_cache, stage):
     import yaml
 
     from cappo_pl.convert import checkpoint_state
@@ -115,7 +122,7 @@ def test_zero2_resume_from_a_sharded_checkpoint_is_exact(tmp_path, sft_cache):
     path.write_text(yaml.safe_dump(cfg))
 
     def run(name, extra=()):
-        proc = _fit(tmp_path, sft_cache, 2, name, ["--data.steps_per_epoch=4", *extra], config=str(path))
+        proc = _fit(tmp_path, sft_cache, stage, name, ["--data.steps_per_epoch=4", *extra], config=str(path))
         assert proc.returncode == 0, proc.stderr[-4000:]
         (log_dir,) = glob.glob(str(tmp_path / "runs" / name / "version_*"))
         return log_dir
@@ -131,3 +138,18 @@ def test_zero2_resume_from_a_sharded_checkpoint_is_exact(tmp_path, sft_cache):
     wa = checkpoint_state(os.path.join(full, "checkpoints", "last.ckpt"))
     wb = checkpoint_state(os.path.join(resumed, "checkpoints", "last.ckpt"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa if k.startswith("policy."))
+
+
+@pytest.mark.parametrize("stage,config", [(1, "deepspeed_zero1.yaml"), (3, "deepspeed_zero3_offload.yaml")])
+def test_the_other_zero_configs_run(tmp_path, sft_cache, stage, config):
+    """ZeRO-1, and ZeRO-3 with parameters and optimizer offloaded to the CPU (DeepSpeedCPUAdam, built on first use)."""
+    proc = _fit(tmp_path, sft_cache, stage, "other", strategy_config=config)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (log_dir,) = glob.glob(str(tmp_path / "runs" / "other" / "version_*"))
+    rows = [r for r in csv.DictReader(open(os.path.join(log_dir, "metrics.csv"))) if r.get("train/reward/mean")]
+    assert len(rows) == 2 and float(rows[0]["train/grad_norm"]) > 0
+    (states,) = glob.glob(os.path.join(log_dir, "checkpoints", "last.ckpt", "checkpoint", "*model_states.pt"))[:1]
+    zero = torch.load(states, map_location="cpu", weights_only=False)["ds_config"]["zero_optimization"]
+    assert zero["stage"] == stage
+    if "offload" in config:
+        assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"

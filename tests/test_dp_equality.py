@@ -50,7 +50,7 @@ def _run(base, sft_cache, name, config, devices, strategy_args=()):
 def _zero(stage):
     return (
         "--config", os.path.join(ROOT, "configs", "strategy", f"deepspeed_zero{stage}.yaml"),
-        "--trainer.accelerator=cpu", "--trainer.strategy=deepspeed_cpu.DeepSpeedOnCPU",
+        "--trainer.accelerator=cpu", "--trainer.strategy.class_path=deepspeed_cpu.DeepSpeedOnCPU",
         f"--trainer.strategy.stage={stage}",
     )  # fmt: skip
 
@@ -62,9 +62,10 @@ def runs(tmp_path_factory, sft_cache):
     # cappo.yaml: MGDA on the exact parameter-space Gram (one all-reduced backward per objective),
     # the entropy controller and the KL term; grpo.yaml: the weighted sum, under DeepSpeed as well.
     out["cappo", 1] = _run(base, sft_cache, "cappo1", "cappo.yaml", 1)
-    out["cappo", "ddp"] = _run(base, sft_cache, "cappo_ddp", "cappo.yaml", 2, ["--trainer.strategy=ddp"])
+    ddp = ("--config", os.path.join(ROOT, "configs", "strategy", "ddp.yaml"), "--trainer.accelerator=cpu")
+    out["cappo", "ddp"] = _run(base, sft_cache, "cappo_ddp", "cappo.yaml", 2, ddp)
     out["grpo", 1] = _run(base, sft_cache, "grpo1", "grpo.yaml", 1)
-    out["grpo", "ddp"] = _run(base, sft_cache, "grpo_ddp", "grpo.yaml", 2, ["--trainer.strategy=ddp"])
+    out["grpo", "ddp"] = _run(base, sft_cache, "grpo_ddp", "grpo.yaml", 2, ddp)
     for stage in (2, 3):
         out["grpo", f"zero{stage}"] = _run(base, sft_cache, f"grpo_zero{stage}", "grpo.yaml", 2, _zero(stage))
     fsdp = ("--config", os.path.join(ROOT, "configs", "strategy", "fsdp.yaml"), "--trainer.accelerator=cpu")
