@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from cappo_pl.gradients import grad_norm
 from cappo_pl.losses.aggregation import AggMode, GlobalBatch, agg_loss, masked_mean
 from cappo_pl.scoring import position_ids_from_mask
 
@@ -125,12 +126,16 @@ def value_loss(
 
 def check_critic_strategy(strategy: object) -> None:
     """Refuse strategies the critic's second backward per step does not work with (ConfigError)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
     from cappo_pl.errors import ConfigError
-    from cappo_pl.gradients import is_deepspeed, is_fsdp
+    from cappo_pl.gradients import is_deepspeed
 
     name = type(strategy).__name__
-    if is_deepspeed(strategy) or is_fsdp(strategy):  # a 2nd backward per step; per-rank clipping of shards
-        raise ConfigError(f"model.critic: not supported under {name} yet (one backward per step there)")
+    # DeepSpeed: one engine owns every gradient and clips them all together; FSDP1 wraps the whole module.
+    # FSDP2 (cappo_pl.strategies.FSDP) shards the critic as its own unit and clips its DTensor gradients.
+    if is_deepspeed(strategy) or isinstance(strategy, FSDPStrategy):
+        raise ConfigError(f"model.critic: not supported under {name} yet (use DDP or cappo_pl.strategies.FSDP)")
     from lightning.pytorch.strategies import DDPStrategy
 
     if isinstance(strategy, DDPStrategy) and not getattr(strategy, "_ddp_kwargs", {}).get(
@@ -184,7 +189,7 @@ def critic_backward(
         return metrics
     backward(loss)
     params = [p for p in critic.parameters() if p.grad is not None]
-    metrics["grad_norm"] = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])) / grad_scale
+    metrics["grad_norm"] = grad_norm(params) / grad_scale
     if cfg.clip_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm * grad_scale)
     return metrics

@@ -53,7 +53,7 @@ from cappo_pl.scoring import Scores, check_head_matches_forward, score_completio
 from cappo_pl.sft import ensure_sft_checkpoint, sft_cache_key
 from cappo_pl.srr_hooks import SRRHooks
 from cappo_pl.step_metrics import step_metrics
-from cappo_pl.strategies import is_fsdp2, is_sharded, shard_policy, shards_parameters
+from cappo_pl.strategies import is_fsdp2, is_sharded, shard_model, shards_parameters
 
 
 class RLModule(SRRHooks, pl.LightningModule):
@@ -204,11 +204,12 @@ class RLModule(SRRHooks, pl.LightningModule):
         self.reward_fn = self.trainer.datamodule.task.reward_fn()
 
     def configure_model(self) -> None:
-        """Under FSDP (``cappo_pl.strategies.FSDP``): shard the policy; the reference stays a full copy."""
+        """Under FSDP (``cappo_pl.strategies.FSDP``): shard the policy and the critic; the reference stays whole."""
         if is_fsdp2(self.trainer.strategy) and not is_sharded(self.policy):
             if self._peft:
                 raise ConfigError("model.policy.lora: not supported under FSDP yet (use DDP or DeepSpeed)")
-            shard_policy(self.policy, self.device_mesh["data_parallel"])
+            for model in [self.policy] + ([self.critic] if self.critic is not None else []):
+                shard_model(model, self.device_mesh["data_parallel"])
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.policy.parameters() if p.requires_grad]  # LoRA: the adapters only

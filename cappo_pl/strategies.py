@@ -3,7 +3,7 @@
 Lightning's ``FSDPStrategy`` (FSDP1) wraps the whole LightningModule, which breaks ``manual_backward``
 inside ``training_step`` (Lightning-AI/pytorch-lightning #19626) and refuses a CPU accelerator.
 ``ModelParallelStrategy`` leaves sharding to ``LightningModule.configure_model``; ``RLModule`` shards
-its policy there with ``shard_policy`` (each decoder layer, then the root). ``FSDP`` below is that
+its policy there with ``shard_model`` (each decoder layer, then the root). ``FSDP`` below is that
 strategy with every rank a data-parallel rank (no tensor parallelism).
 """
 
@@ -49,7 +49,7 @@ def is_fsdp2(strategy: object) -> bool:
     return isinstance(strategy, ModelParallelStrategy)
 
 
-def shard_policy(model: torch.nn.Module, mesh) -> None:
+def shard_model(model: torch.nn.Module, mesh) -> None:
     """``fully_shard`` each decoder layer, then the whole model (embeddings, final norm, head: the root unit).
 
     Tied input/output embeddings stay in the one root unit. Callers that run parts of the model

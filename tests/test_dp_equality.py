@@ -43,7 +43,7 @@ def _run(base, sft_cache, name, config, devices, strategy_args=()):
     rows = [r for r in csv.DictReader(open(os.path.join(log_dir, "metrics.csv"))) if r.get("train/reward/mean")]
     assert len(rows) == STEPS
     ckpt = os.path.join(log_dir, "checkpoints", "last.ckpt")
-    state = {k: v.float() for k, v in checkpoint_state(ckpt).items() if k.startswith("policy.")}
+    state = {k: v.float() for k, v in checkpoint_state(ckpt).items() if k.startswith(("policy.", "critic."))}
     return rows, state
 
 
@@ -70,6 +70,14 @@ def runs(tmp_path_factory, sft_cache):
         out["grpo", f"zero{stage}"] = _run(base, sft_cache, f"grpo_zero{stage}", "grpo.yaml", 2, _zero(stage))
     fsdp = ("--config", os.path.join(ROOT, "configs", "strategy", "fsdp.yaml"), "--trainer.accelerator=cpu")
     out["grpo", "fsdp"] = _run(base, sft_cache, "grpo_fsdp", "grpo.yaml", 2, fsdp)
+    # ppo_critic.yaml: GAE whitened over the global batch, the value loss normalised over it, the critic
+    # trained and clipped on its own (under DDP it needs find_unused_parameters). One mini-batch per epoch
+    # (2 epochs): with several, each rank shuffles its own rows into them, by design not one process's split.
+    one = ("--model.ppo.minibatches=1",)
+    out["ppo_critic", 1] = _run(base, sft_cache, "critic1", "ppo_critic.yaml", 1, one)
+    unused = (*ddp, "--trainer.strategy=ddp_find_unused_parameters_true", *one)
+    out["ppo_critic", "ddp"] = _run(base, sft_cache, "critic_ddp", "ppo_critic.yaml", 2, unused)
+    out["ppo_critic", "fsdp"] = _run(base, sft_cache, "critic_fsdp", "ppo_critic.yaml", 2, (*fsdp, *one))
     return out
 
 
@@ -84,7 +92,11 @@ GLOBAL_KEYS = ("train/reward/mean", "train/accuracy", "train/policy/entropy", "t
 
 
 @pytest.mark.parametrize(
-    "config,strategy", [("cappo", "ddp"), ("grpo", "ddp"), ("grpo", "zero2"), ("grpo", "zero3"), ("grpo", "fsdp")]
+    "config,strategy",
+    [
+        ("cappo", "ddp"), ("grpo", "ddp"), ("grpo", "zero2"), ("grpo", "zero3"), ("grpo", "fsdp"),
+        ("ppo_critic", "ddp"), ("ppo_critic", "fsdp"),
+    ],  # fmt: skip
 )
 def test_two_ranks_equal_one_process_over_the_same_global_batch(runs, sft_start, config, strategy):
     (rows1, state1), (rows2, state2) = runs[config, 1], runs[config, strategy]
@@ -95,12 +107,12 @@ def test_two_ranks_equal_one_process_over_the_same_global_batch(runs, sft_start,
                 assert float(r2[key]) == pytest.approx(float(r1[key]), rel=1e-4, abs=1e-6), key
         coefs = [k for k in r1 if k.startswith("train/combiner/c_") and r1[k]]
         assert coefs
-        for key in coefs:
+        for key in coefs + [k for k in ("train/critic/grad_norm",) if r1.get(k)]:  # the critic's is global
             assert float(r2[key]) == pytest.approx(float(r1[key]), rel=1e-4, abs=1e-6), key
     # and the same updates: after STEPS optimizer steps the weights agree to float noise, while they
     # moved from the SFT start by far more (Adam moves a weight by at most the summed warmup lr, 3.6e-4)
     assert state1.keys() == state2.keys()
     diff = max((state1[k] - state2[k]).abs().max().item() for k in state1)
-    moved = max((state1[k] - sft_start[k]).abs().max().item() for k in state1)
+    moved = max((state1[k] - sft_start[k]).abs().max().item() for k in sft_start)
     print(f"{config} {strategy}: max |w_1 - w_2| = {diff:.2e}, max |w_1 - w_sft| = {moved:.2e}")
     assert diff < 1e-5 and moved > 1e-4, (diff, moved)
