@@ -20,8 +20,9 @@ tokens, which every built-in one does. (A non-linear head in ``hidden`` space fa
 autograd VJPs w.r.t. the hidden states: ``hidden_gram``.)
 
 In ``hidden``/``logits`` each rank holds different samples, i.e. disjoint coordinates, so the sum
-of per-rank Grams is the global Gram (of the per-rank mean losses: divided by world_size^2, which
-also makes a single process over the same global batch agree exactly).
+of per-rank Grams, divided by world_size^2, is the Gram of the global loss ``(1/W) sum_r L_r`` (each
+rank's loss is normalised over the global batch: ``losses.aggregation.GlobalBatch``), the one a
+single process over the same global batch computes.
 """
 
 from __future__ import annotations
@@ -181,12 +182,15 @@ def combined_backward(
         The coefficients, the Gram and whether the step was skipped.
 
     """
-    loss_vec = torch.stack([loss.detach().double() for loss in losses]).cpu()
+    loss_vec = torch.stack([loss.detach().double() for loss in losses])
+    if all_reduce is not None and world_size > 1:
+        # The combiner must see the same losses on every rank (MGDA's loss normalisations read them):
+        # losses are normalised over the global batch, so their mean over ranks is the global loss. A
+        # non-finite loss on any rank makes it non-finite on all, so every rank takes the same branch.
+        loss_vec = all_reduce(loss_vec) / world_size
+    loss_vec = loss_vec.cpu()
     weights = weights.detach().double().cpu()
-    bad = torch.tensor([0.0 if _finite(loss_vec) else 1.0], device=losses[0].device)
-    if all_reduce is not None and world_size > 1:  # every rank must take the same branch, or collectives hang
-        bad = all_reduce(bad)
-    if float(bad) > 0:
+    if not _finite(loss_vec):
         return Update(weights.clone(), None, True, weights)
     if space == "params":
         return _params_update(losses, weights, loss_vec, combiner, backward, params, monitor, grad_scale)

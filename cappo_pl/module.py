@@ -206,6 +206,8 @@ class RLModule(SRRHooks, pl.LightningModule):
     def configure_model(self) -> None:
         """Under FSDP (``cappo_pl.strategies.FSDP``): shard the policy and the critic; the reference stays whole."""
         if is_fsdp2(self.trainer.strategy) and not is_sharded(self.policy):
+            if self.device_mesh["tensor_parallel"].size() > 1:  # every rank must be a data-parallel rank
+                raise ConfigError("trainer.strategy: tensor parallelism is not supported; use cappo_pl.strategies.FSDP")
             if self._peft:
                 raise ConfigError("model.policy.lora: not supported under FSDP yet (use DDP or DeepSpeed)")
             for model in [self.policy] + ([self.critic] if self.critic is not None else []):
@@ -264,15 +266,18 @@ class RLModule(SRRHooks, pl.LightningModule):
         self, records: list[Record], cfg: RolloutConfig, gen: torch.Generator, uniforms: Tensor | None = None
     ) -> tuple[Rollout, list[str]]:
         enc = self.tokenizer([r.prompt for r in records], padding=True, padding_side="left", return_tensors="pt")
-        sync = None
-        if shards_parameters(self.trainer.strategy):  # every forward gathers shards: ranks stop together
-            world = float(self.trainer.world_size)
-            sync = lambda done: float(self._sum_over_ranks(torch.tensor(float(done)))) == world  # noqa: E731
         ro = sample(
             self.policy, enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device),
-            cfg, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, gen, sync, uniforms,
+            cfg, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, gen, self._all_ranks_done(), uniforms,
         )  # fmt: skip
         return ro, self.tokenizer.batch_decode(ro.completion_ids, skip_special_tokens=True)
+
+    def _all_ranks_done(self):
+        """Under ZeRO-3/FSDP every forward gathers shards, so sampling stops only when all ranks are done."""
+        if not shards_parameters(self.trainer.strategy):
+            return None
+        world = float(self.trainer.world_size)
+        return lambda done: float(self._sum_over_ranks(torch.tensor(float(done), device=self.device))) == world
 
     def _generate(self, records: list[Record], index: int, k: int, offset: int) -> Generation:
         """Generation batch ``k`` of RL step ``index`` (prompts from ``offset`` of the global batch)."""
@@ -338,7 +343,7 @@ class RLModule(SRRHooks, pl.LightningModule):
         # 4. Advantages per token (a sequence's own, broadcast, or GAE on the critic's values) and the
         # critic's targets; skipped samples carry none.
         old_values = self._values(ro) if self.critic is not None else None
-        advantages, returns = self.advantage.token_advantages(rewards, group, valid, mask, old_values, self._dp())
+        advantages, returns = self.advantage.token_advantages(rewards, group, valid, mask, old_values, dp=self._dp())
         t2 = time.perf_counter()
 
         # 5. PPO epochs x mini-batches: one optimizer step each.
@@ -462,7 +467,8 @@ class RLModule(SRRHooks, pl.LightningModule):
 
     # ----------------------------------------------------------------------------- validation
     def validation_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        ro, texts = self._rollout(batch.records, self.rollout_cfg_for_val(), self._generator(batch_idx, 2))
+        cfg = self.rollout_cfg.for_validation(self.val_samples)
+        ro, texts = self._rollout(batch.records, cfg, self._generator(batch_idx, 2))
         rewards, valid = self._rewards(batch.records, texts, self.val_samples)
         correct = (rewards >= self.ppo.success_threshold) & valid
         size = rewards.numel()
@@ -472,13 +478,6 @@ class RLModule(SRRHooks, pl.LightningModule):
         self.log("val/response_length/mean", ro.completion_mask.sum(-1).mean(), batch_size=size, sync_dist=True)
         if self.references is not None:
             self._srr_update(batch)
-
-    def rollout_cfg_for_val(self) -> RolloutConfig:
-        """Validation samples ``val_samples`` completions per prompt with the training temperature."""
-        return RolloutConfig(
-            group_size=self.val_samples, max_new_tokens=self.rollout_cfg.max_new_tokens,
-            temperature=self.rollout_cfg.temperature, top_p=self.rollout_cfg.top_p,
-        )  # fmt: skip
 
     # ---------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

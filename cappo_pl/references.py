@@ -8,6 +8,7 @@ head, temperature-scaled logits as in training): no generation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -114,12 +115,19 @@ def reference_logprobs(
 
 @torch.no_grad()
 def sample_references(
-    model: nn.Module, tokenizer, prompts: list[str], m: int, cfg: RolloutConfig, seed: int, device
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    m: int,
+    cfg: RolloutConfig,
+    seed: int,
+    device,
+    all_ranks_done: Callable[[bool], bool] | None = None,
 ) -> list[list[str]]:
     """``m`` completions per prompt from ``model`` (distinct, EOS-terminated ones only), seeded.
 
     A truncated sample is not a completion the policy produced, so it is dropped; duplicates are
-    kept once (SRR counts distinct completions).
+    kept once (SRR counts distinct completions). ``all_ranks_done``: as in ``rollout.sample``.
     """
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
@@ -127,7 +135,7 @@ def sample_references(
     sample_cfg = RolloutConfig(group_size=m, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
     ro = sample(
         model, enc["input_ids"].to(device), enc["attention_mask"].to(device), sample_cfg,
-        tokenizer.eos_token_id, tokenizer.pad_token_id, gen,
+        tokenizer.eos_token_id, tokenizer.pad_token_id, gen, all_ranks_done,
     )  # fmt: skip
     texts = tokenizer.batch_decode(ro.completion_ids, skip_special_tokens=True)
     out: list[list[str]] = []

@@ -39,6 +39,10 @@ class RolloutConfig:
     ``data.prompts_per_step`` draws (up to float noise of batched forwards). Off (default): one
     stream per rank and step (``torch.multinomial``), as the README's runs used."""
 
+    def for_validation(self, samples: int) -> RolloutConfig:
+        """Validation's sampling: ``samples`` completions per prompt, otherwise these settings (top-k off)."""
+        return RolloutConfig(samples, self.max_new_tokens, self.temperature, self.top_p)
+
 
 @dataclass
 class Rollout:

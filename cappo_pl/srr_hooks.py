@@ -42,7 +42,8 @@ class SRRHooks:
         self.policy.eval()
         cfg = self.srr_cfg
         sampler = lambda prompts: sample_references(  # noqa: E731
-            self.policy, self.tokenizer, prompts, cfg.sampled_per_prompt, self.rollout_cfg, self.seed + 7, self.device
+            self.policy, self.tokenizer, prompts, cfg.sampled_per_prompt, self.rollout_cfg, self.seed + 7, self.device,
+            self._all_ranks_done(),
         )
         refs = build_reference_set(records, cfg, sampler)
         prompts, comps, ids = flatten(refs, records, range(len(records)))

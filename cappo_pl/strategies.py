@@ -14,6 +14,8 @@ from datetime import timedelta
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from cappo_pl.errors import ConfigError
+
 
 class FSDP(ModelParallelStrategy):
     """FSDP2 data parallelism over all ranks (``ModelParallelStrategy`` with tensor_parallel_size 1).
@@ -54,12 +56,23 @@ def shard_model(model: torch.nn.Module, mesh) -> None:
 
     Tied input/output embeddings stay in the one root unit. Callers that run parts of the model
     directly (the chunked LM head) must go through the root's forward (``scoring.call_as_forward``)
-    so its parameters are gathered and its gradients reduce-scattered.
+    so its parameters are gathered and its gradients reduce-scattered. The layers are transformers'
+    ``GradientCheckpointingLayer`` modules, else the classes the model names in ``_no_split_modules``.
+
+    Raises:
+        ConfigError: no decoder layer found (one root unit would gather the whole model per forward).
+
     """
     from torch.distributed.fsdp import fully_shard
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    for layer in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        names = set(getattr(model, "_no_split_modules", None) or [])
+        layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ConfigError(f"trainer.strategy: FSDP found no decoder layers to shard in {type(model).__name__}")
+    for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
 

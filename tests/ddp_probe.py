@@ -1,9 +1,10 @@
 """Run one combined update under Lightning (DDP on CPU/gloo, or one process) and dump what it did.
 
 Usage: ``python tests/ddp_probe.py OUT_DIR DEVICES``. Every rank takes its contiguous slice of one
-fixed global batch; the per-rank losses are means over equal-sized slices, so their average is the
-single-process loss over the global batch. For each combiner and Gram space it writes the coefficients, the Gram
-and a parameter checksum after one optimizer step (``OUT_DIR/rank<r>.json``).
+fixed global batch, with unequal token counts; the losses are token means over the global batch
+(``GlobalBatch``), so the ranks' average is the single-process loss. For each combiner and Gram space
+it writes the coefficients, the Gram and a parameter checksum after one optimizer step
+(``OUT_DIR/rank<r>.json``).
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ from torch.utils.data import DataLoader
 
 from cappo_pl.combiners import MGDA, CAGrad, PCGrad, Scalarized, UPGrad
 from cappo_pl.gradients import combined_backward
-from cappo_pl.losses.aggregation import agg_loss
+from cappo_pl.losses.aggregation import GlobalBatch, agg_loss
 from cappo_pl.models import TinyModelConfig, build_char_tokenizer, build_tiny_model
 from cappo_pl.scoring import score_completions
 
 GLOBAL = 8  # sequences in the global batch
-COMBINERS = {"Scalarized": Scalarized, "MGDA": MGDA, "PCGrad": PCGrad, "CAGrad": CAGrad, "UPGrad": UPGrad}
+COMBINERS = {
+    "Scalarized": Scalarized, "MGDA": MGDA, "PCGrad": PCGrad, "CAGrad": CAGrad, "UPGrad": UPGrad,
+    # reads the loss values too: every rank must be given the global ones
+    "MGDA-loss": lambda: MGDA(normalization="loss"),
+}  # fmt: skip
 
 
 def global_batch():
@@ -33,6 +38,8 @@ def global_batch():
         "ids": ids,
         "adv": torch.randn(GLOBAL, 1, generator=gen).expand(GLOBAL, 5),
         "ref": torch.randn(GLOBAL, 5, generator=gen) * 0.1 - 3.0,
+        # unequal completion lengths: the ranks hold different token counts (2 + 1 + 5 + 3 vs 4 + 5 + 1 + 2)
+        "len": torch.tensor([2, 1, 5, 3, 4, 5, 1, 2]),
     }
 
 
@@ -53,10 +60,13 @@ class Probe(pl.LightningModule):
         s = score_completions(
             self.policy, ids, torch.ones_like(ids), 5, 1.0, gram_space=space if space != "params" else None
         )
-        m = torch.ones_like(s.logp)
+        m = (torch.arange(5)[None] < b["len"][:, None]).float()
+        n = self.trainer.world_size  # token means over the global batch, as the module's losses
+        dp = GlobalBatch(n, lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if n > 1 else None
         log_ratio = b["ref"] - s.logp
-        kl = agg_loss(log_ratio.exp() - 1 - log_ratio, m, "token-mean")
-        return s, [agg_loss(-b["adv"] * s.logp, m, "token-mean"), -agg_loss(s.entropy, m, "token-mean"), kl]
+        kl = agg_loss(log_ratio.exp() - 1 - log_ratio, m, "token-mean", dp=dp)
+        policy = agg_loss(-b["adv"] * s.logp, m, "token-mean", dp=dp)
+        return s, [policy, -agg_loss(s.entropy, m, "token-mean", dp=dp), kl]
 
     def training_step(self, _batch, _idx):
         n, r = self.trainer.world_size, self.global_rank

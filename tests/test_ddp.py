@@ -29,7 +29,7 @@ def runs(tmp_path_factory):
     return run_probe(base / "one", 1), run_probe(base / "two", 2)
 
 
-@pytest.mark.parametrize("combiner", ["Scalarized", "MGDA", "PCGrad", "CAGrad", "UPGrad"])
+@pytest.mark.parametrize("combiner", ["Scalarized", "MGDA", "PCGrad", "CAGrad", "UPGrad", "MGDA-loss"])
 @pytest.mark.parametrize("space", ["params", "hidden"])
 def test_coefficients_identical_across_ranks_and_equal_to_one_process(runs, space, combiner):
     (single,), (r0, r1) = runs
