@@ -63,3 +63,16 @@ def tiny_fit_args(config, sft_cache, root, steps=3, extra=()):
         f"--trainer.logger.init_args.save_dir={Path(root) / 'runs'}",
         *extra,
     ]
+
+
+def grpo_checkpointing_every(root, steps=2):
+    """configs/grpo.yaml with ModelCheckpoint every ``steps`` optimizer steps (all kept), written under ``root``."""
+    import yaml
+
+    cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", "grpo.yaml")))
+    for cb in cfg["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("ModelCheckpoint"):
+            cb["init_args"] = {"every_n_train_steps": steps, "save_top_k": -1, "save_last": True}
+    path = Path(root) / f"grpo_ckpt{steps}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

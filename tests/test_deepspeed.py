@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import CLI, ROOT, tiny_fit_args
+from conftest import CLI, ROOT, grpo_checkpointing_every, tiny_fit_args
 
 pytest.importorskip("deepspeed")
 
@@ -110,16 +110,9 @@ def test_params_space_under_deepspeed_is_refused_at_startup(tmp_path, sft_cache)
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_resume_from_a_sharded_checkpoint_is_exact(tmp_path, sft_cache, stage):
-    import yaml
-
     from cappo_pl.convert import checkpoint_state
 
-    cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", "grpo.yaml")))
-    for cb in cfg["trainer"]["callbacks"]:
-        if cb["class_path"].endswith("ModelCheckpoint"):
-            cb["init_args"] = {"every_n_train_steps": 2, "save_top_k": -1, "save_last": True}
-    path = tmp_path / "grpo_ckpt2.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = grpo_checkpointing_every(tmp_path, 2)
 
     def run(name, extra=()):
         proc = _fit(tmp_path, sft_cache, stage, name, ["--data.steps_per_epoch=4", *extra], config=str(path))

@@ -14,8 +14,7 @@ import subprocess
 
 import pytest
 import torch
-import yaml
-from conftest import CLI, ROOT, tiny_fit_args
+from conftest import CLI, ROOT, grpo_checkpointing_every, tiny_fit_args
 
 from cappo_pl.convert import checkpoint_state
 
@@ -41,12 +40,7 @@ def _rows(log_dir):
 def runs(tmp_path_factory, sft_cache):
     """4 steps with a checkpoint at step 2, and a run resumed from it."""
     base = tmp_path_factory.mktemp("fsdp")
-    cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", "grpo.yaml")))
-    for cb in cfg["trainer"]["callbacks"]:
-        if cb["class_path"].endswith("ModelCheckpoint"):
-            cb["init_args"] = {"every_n_train_steps": 2, "save_top_k": -1, "save_last": True}
-    config = base / "grpo_ckpt2.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+    config = grpo_checkpointing_every(base, 2)
     out = {}
     for name, extra in [("full", ()), ("resumed", None)]:
         if extra is None:
