@@ -4,9 +4,8 @@
 
 The base folder supplies the architecture and tokenizer (``model.policy.path``, or the SFT cache folder of the
 built-in model); the checkpoint's ``policy.*`` weights replace its weights. ZeRO-2/3 shards are consolidated in
-fp32 by DeepSpeed's own ``zero_to_fp32`` (through Lightning), FSDP shard folders (torch.distributed.checkpoint)
-by torch.distributed.checkpoint (model entries only). A LoRA checkpoint is refused: export those with the
-``ExportHF`` callback, which merges the adapters.
+fp32 by DeepSpeed's own ``zero_to_fp32`` (through Lightning), FSDP shard folders by torch.distributed.checkpoint
+(model entries only). LoRA adapters are merged into the weights.
 """
 
 from __future__ import annotations
@@ -47,17 +46,60 @@ def checkpoint_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
 
 
+def checkpoint_extras(ckpt: str | Path) -> dict:
+    """The checkpoint's other entries (loops, callbacks, our ``cappo_*`` keys), without loading the weights twice."""
+    path = Path(ckpt)
+    if path.is_dir() and (path / "meta.pt").is_file():  # FSDP: Lightning writes them next to the shards
+        return torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+    if path.is_dir():  # DeepSpeed: the client state sits in the model-states file
+        states = sorted((path / "checkpoint").glob("mp_rank_*_model_states.pt"))
+        return torch.load(states[0], map_location="cpu", weights_only=False) if states else {}
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def merge_lora(policy: dict[str, torch.Tensor], r: int, alpha: float) -> dict[str, torch.Tensor]:
+    """Fold peft LoRA adapters into plain weights: ``W = W_0 + (alpha / r) B A`` (Hu et al. 2021).
+
+    Args:
+        policy: a peft-injected model's state: ``<m>.base_layer.weight`` (out, in), ``<m>.lora_A.default.weight``
+            (r, in), ``<m>.lora_B.default.weight`` (out, r), and plain entries.
+        r: the adapters' rank.
+        alpha: their scale numerator.
+
+    Returns:
+        The state of the plain model: ``<m>.weight`` (and ``<m>.bias``), no adapter entries.
+
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in policy.items():
+        if ".lora_" in key:
+            continue
+        if ".base_layer." in key:
+            module, leaf = key.split(".base_layer.")
+            if leaf == "weight":
+                a, b = policy[f"{module}.lora_A.default.weight"], policy[f"{module}.lora_B.default.weight"]
+                value = value + (alpha / r) * (b.float() @ a.float()).to(value.dtype)
+            key = f"{module}.{leaf}"
+        out[key] = value
+    return out
+
+
 def checkpoint_to_hf(ckpt: str | Path, base: str | Path, out: str | Path) -> Path:
     """Write ``out``: the base folder's architecture and tokenizer with the checkpoint's policy weights.
 
+    LoRA adapters are merged into the weights (``merge_lora``, with the ``r`` and ``alpha`` the run saved).
+
     Raises:
-        ConfigError: a LoRA checkpoint, or weights that do not fit the base architecture.
+        ConfigError: a LoRA checkpoint without its settings, or weights that do not fit the base architecture.
 
     """
     state = checkpoint_state(ckpt)
     policy = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
-    if any("lora_" in k for k in policy):
-        raise ConfigError(f"--ckpt: {ckpt} holds LoRA adapters; export it with the ExportHF callback")
+    if any(".lora_" in k for k in policy):
+        lora = checkpoint_extras(ckpt).get("cappo_lora")
+        if lora is None:
+            raise ConfigError(f"--ckpt: {ckpt} holds LoRA adapters but not their r/alpha; export it with ExportHF")
+        policy = merge_lora(policy, lora["r"], lora["alpha"])
     model, tokenizer = load_pretrained(base)
     try:
         missing, unexpected = model.load_state_dict(policy, strict=False)

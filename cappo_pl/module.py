@@ -208,8 +208,6 @@ class RLModule(SRRHooks, pl.LightningModule):
         if is_fsdp2(self.trainer.strategy) and not is_sharded(self.policy):
             if self.device_mesh["tensor_parallel"].size() > 1:  # every rank must be a data-parallel rank
                 raise ConfigError("trainer.strategy: tensor parallelism is not supported; use cappo_pl.strategies.FSDP")
-            if self._peft:
-                raise ConfigError("model.policy.lora: not supported under FSDP yet (use DDP or DeepSpeed)")
             for model in [self.policy] + ([self.critic] if self.critic is not None else []):
                 shard_model(model, self.device_mesh["data_parallel"])
 
@@ -485,6 +483,8 @@ class RLModule(SRRHooks, pl.LightningModule):
         checkpoint["cappo_combiner"] = {"state": self.combiner.state_dict(), "skipped": self.skipped_updates}
         if self.references is not None:
             checkpoint["cappo_srr_references"] = self.references.state_dict()
+        if self.policy_cfg.lora is not None:  # what `to-hf` needs to merge the adapters
+            checkpoint["cappo_lora"] = {"r": self.policy_cfg.lora.r, "alpha": self.policy_cfg.lora.alpha}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.policy is None:

@@ -17,6 +17,7 @@ import os
 import subprocess
 
 import pytest
+import torch
 from conftest import CLI, ROOT, tiny_fit_args
 from transformers import AutoModelForCausalLM
 
@@ -44,7 +45,7 @@ def _run(base, sft_cache, name, config, devices, strategy_args=()):
     assert len(rows) == STEPS
     ckpt = os.path.join(log_dir, "checkpoints", "last.ckpt")
     state = {k: v.float() for k, v in checkpoint_state(ckpt).items() if k.startswith(("policy.", "critic."))}
-    return rows, state
+    return rows, state, ckpt
 
 
 def _zero(stage):
@@ -78,6 +79,10 @@ def runs(tmp_path_factory, sft_cache):
     unused = (*ddp, "--trainer.strategy=ddp_find_unused_parameters_true", *one)
     out["ppo_critic", "ddp"] = _run(base, sft_cache, "critic_ddp", "ppo_critic.yaml", 2, unused)
     out["ppo_critic", "fsdp"] = _run(base, sft_cache, "critic_fsdp", "ppo_critic.yaml", 2, (*fsdp, *one))
+    # LoRA: the reference is the base with adapters off; under FSDP the adapters are sharded with their layers
+    lora = ("--model.policy.lora.r=4", "--model.optim.lr=0.01")
+    out["grpo_lora", 1] = _run(base, sft_cache, "lora1", "grpo.yaml", 1, lora)
+    out["grpo_lora", "fsdp"] = _run(base, sft_cache, "lora_fsdp", "grpo.yaml", 2, (*fsdp, *lora))
     return out
 
 
@@ -95,11 +100,11 @@ GLOBAL_KEYS = ("train/reward/mean", "train/accuracy", "train/policy/entropy", "t
     "config,strategy",
     [
         ("cappo", "ddp"), ("grpo", "ddp"), ("grpo", "zero2"), ("grpo", "zero3"), ("grpo", "fsdp"),
-        ("ppo_critic", "ddp"), ("ppo_critic", "fsdp"),
+        ("ppo_critic", "ddp"), ("ppo_critic", "fsdp"), ("grpo_lora", "fsdp"),
     ],  # fmt: skip
 )
 def test_two_ranks_equal_one_process_over_the_same_global_batch(runs, sft_start, config, strategy):
-    (rows1, state1), (rows2, state2) = runs[config, 1], runs[config, strategy]
+    (rows1, state1, _), (rows2, state2, _) = runs[config, 1], runs[config, strategy]
     # the same completions: global reward/accuracy identical, entropy/KL up to float noise
     for r1, r2 in zip(rows1, rows2, strict=True):
         for key in GLOBAL_KEYS:
@@ -115,6 +120,27 @@ def test_two_ranks_equal_one_process_over_the_same_global_batch(runs, sft_start,
     # moved from the SFT start by far more (Adam moves a weight by at most the summed warmup lr, 3.6e-4)
     assert state1.keys() == state2.keys()
     diff = max((state1[k] - state2[k]).abs().max().item() for k in state1)
-    moved = max((state1[k] - sft_start[k]).abs().max().item() for k in sft_start)
+    trained = [k for k in state1 if k in sft_start or "lora_B" in k]  # LoRA: B starts at 0 (A at random)
+    moved = max((state1[k] - sft_start.get(k, 0)).abs().max().item() for k in trained)
     print(f"{config} {strategy}: max |w_1 - w_2| = {diff:.2e}, max |w_1 - w_sft| = {moved:.2e}")
     assert diff < 1e-5 and moved > 1e-4, (diff, moved)
+
+
+def test_lora_under_fsdp_trains_adapters_only_and_to_hf_merges_them(runs, sft_start, sft_cache, tmp_path):
+    from cappo_pl.cli import main
+    from cappo_pl.models import LoRAConfig, add_lora
+
+    _, state, ckpt = runs["grpo_lora", "fsdp"]
+    assert all(torch.equal(v, sft_start[k.replace(".base_layer", "")]) for k, v in state.items() if "lora_" not in k)
+    assert any(v.abs().max() > 0 for k, v in state.items() if "lora_B" in k)  # B starts at 0: trained
+    (base,) = [os.path.dirname(p) for p in glob.glob(os.path.join(sft_cache, "*", "config.json"))]
+    main(["to-hf", "--ckpt", ckpt, "--base", base, "--out", str(tmp_path / "hf")])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).state_dict()
+    # independently: peft's own merge of the same adapters
+    model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True)
+    peft = add_lora(model, LoRAConfig(r=4))
+    model.load_state_dict({k.removeprefix("policy."): v for k, v in state.items()})
+    expected = peft.merge_and_unload().state_dict()
+    assert merged.keys() == expected.keys()
+    for k, v in expected.items():
+        torch.testing.assert_close(merged[k], v, rtol=1e-6, atol=1e-7)

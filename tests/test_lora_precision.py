@@ -110,7 +110,7 @@ def _run(cli_args, tmp_path, name, extra, steps=3, config="configs/grpo.yaml"):
     return log_dir
 
 
-def test_lora_run_uses_the_base_as_reference_and_exports_a_merged_folder(cli_args, tmp_path):
+def test_lora_run_uses_the_base_as_reference_and_exports_a_merged_folder(cli_args, tmp_path, sft_cache):
     lora = [
         "--model.policy.lora.r=4",
         "--model.optim.lr=0.01",
@@ -131,6 +131,16 @@ def test_lora_run_uses_the_base_as_reference_and_exports_a_merged_folder(cli_arg
     assert any(not torch.equal(sd[k], sd1[k]) for k in sd if "lora_B" in k)
     loaded = AutoModelForCausalLM.from_pretrained(os.path.join(log_dir, "hf_export"), local_files_only=True)
     assert not any("lora" in k for k in loaded.state_dict())
+    # `to-hf` merges the checkpoint's adapters itself (W0 + alpha/r B A): the same weights as peft's merge
+    from cappo_pl.cli import main
+
+    (base,) = [os.path.dirname(p) for p in glob.glob(os.path.join(sft_cache, "*", "config.json"))][:1]
+    main(["to-hf", "--ckpt", os.path.join(log_dir, "checkpoints", "last.ckpt"), "--base", base,
+          "--out", str(tmp_path / "to_hf")])  # fmt: skip
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "to_hf", local_files_only=True).state_dict()
+    assert merged.keys() == loaded.state_dict().keys()
+    for k, v in loaded.state_dict().items():
+        torch.testing.assert_close(merged[k], v, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
