@@ -76,3 +76,18 @@ def grpo_checkpointing_every(root, steps=2):
     path = Path(root) / f"grpo_ckpt{steps}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def assert_resumed_exactly(full, resumed):
+    """A 4-step run's log dir, and that of the run resumed from its step-2 checkpoint: same steps, same weights."""
+    import csv
+
+    from cappo_pl.convert import checkpoint_state
+
+    rows = lambda d: [r for r in csv.DictReader(open(os.path.join(d, "metrics.csv"))) if r.get("train/reward/mean")]  # noqa: E731
+    a, b = rows(full), rows(resumed)
+    assert [r["train/rl_step"] for r in b] == ["2.0", "3.0"]
+    assert [r["train/reward/mean"] for r in a[2:]] == [r["train/reward/mean"] for r in b]
+    wa = checkpoint_state(os.path.join(full, "checkpoints", "last.ckpt"))
+    wb = checkpoint_state(os.path.join(resumed, "checkpoints", "last.ckpt"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa if k.startswith("policy."))

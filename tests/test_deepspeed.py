@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import CLI, ROOT, grpo_checkpointing_every, tiny_fit_args
+from conftest import CLI, ROOT, assert_resumed_exactly, grpo_checkpointing_every, tiny_fit_args
 
 pytest.importorskip("deepspeed")
 
@@ -110,7 +110,6 @@ def test_params_space_under_deepspeed_is_refused_at_startup(tmp_path, sft_cache)
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_resume_from_a_sharded_checkpoint_is_exact(tmp_path, sft_cache, stage):
-    from cappo_pl.convert import checkpoint_state
 
     path = grpo_checkpointing_every(tmp_path, 2)
 
@@ -124,13 +123,7 @@ def test_zero_resume_from_a_sharded_checkpoint_is_exact(tmp_path, sft_cache, sta
     (mid,) = glob.glob(os.path.join(full, "checkpoints", "*step=2.ckpt"))
     assert os.path.isdir(mid)
     resumed = run("resumed", [f"--ckpt_path={mid}"])
-    rows = lambda d: [r for r in csv.DictReader(open(os.path.join(d, "metrics.csv"))) if r.get("train/reward/mean")]  # noqa: E731
-    a, b = rows(full), rows(resumed)
-    assert [r["train/rl_step"] for r in b] == ["2.0", "3.0"]
-    assert [r["train/reward/mean"] for r in a[2:]] == [r["train/reward/mean"] for r in b]
-    wa = checkpoint_state(os.path.join(full, "checkpoints", "last.ckpt"))
-    wb = checkpoint_state(os.path.join(resumed, "checkpoints", "last.ckpt"))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa if k.startswith("policy."))
+    assert_resumed_exactly(full, resumed)
 
 
 @pytest.mark.parametrize("stage,config", [(1, "deepspeed_zero1.yaml"), (3, "deepspeed_zero3_offload.yaml")])

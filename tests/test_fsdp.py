@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import CLI, ROOT, grpo_checkpointing_every, tiny_fit_args
+from conftest import CLI, ROOT, assert_resumed_exactly, grpo_checkpointing_every, tiny_fit_args
 
 from cappo_pl.convert import checkpoint_state
 
@@ -65,13 +65,7 @@ def test_fsdp_runs_the_training_step_on_two_ranks_with_sharded_checkpoints(runs)
 
 
 def test_fsdp_resume_from_a_sharded_checkpoint_is_exact(runs):
-    (full, _), (resumed, _) = runs["full"], runs["resumed"]
-    a, b = _rows(full), _rows(resumed)
-    assert [r["train/rl_step"] for r in b] == ["2.0", "3.0"]
-    assert [r["train/reward/mean"] for r in a[2:]] == [r["train/reward/mean"] for r in b]
-    wa = checkpoint_state(os.path.join(full, "checkpoints", "last.ckpt"))
-    wb = checkpoint_state(os.path.join(resumed, "checkpoints", "last.ckpt"))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa if k.startswith("policy."))
+    assert_resumed_exactly(runs["full"][0], runs["resumed"][0])
 
 
 def test_fsdp_checkpoint_converts_to_an_hf_folder_with_the_same_logits(runs, sft_cache, tmp_path):
