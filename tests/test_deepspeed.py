@@ -110,7 +110,6 @@ def test_params_space_under_deepspeed_is_refused_at_startup(tmp_path, sft_cache)
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_resume_from_a_sharded_checkpoint_is_exact(tmp_path, sft_cache, stage):
-
     path = grpo_checkpointing_every(tmp_path, 2)
 
     def run(name, extra=()):
