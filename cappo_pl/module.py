@@ -49,11 +49,11 @@ from cappo_pl.optim_config import OptimConfig, PPOConfig
 from cappo_pl.references import ReferenceSet, SRRConfig
 from cappo_pl.rewards.base import call_reward
 from cappo_pl.rollout import Rollout, RolloutConfig, prompt_row_keys, row_uniforms, sample
-from cappo_pl.scoring import Scores, check_head_matches_forward, score_completions
+from cappo_pl.scoring import Scores, check_head_matches_forward, is_fsdp2_unit, score_completions
 from cappo_pl.sft import ensure_sft_checkpoint, sft_cache_key
 from cappo_pl.srr_hooks import SRRHooks
 from cappo_pl.step_metrics import step_metrics
-from cappo_pl.strategies import is_fsdp2, is_sharded, shard_model, shards_parameters
+from cappo_pl.strategies import is_fsdp2, shard_model, shards_parameters
 
 
 class RLModule(SRRHooks, pl.LightningModule):
@@ -205,7 +205,7 @@ class RLModule(SRRHooks, pl.LightningModule):
 
     def configure_model(self) -> None:
         """Under FSDP (``cappo_pl.strategies.FSDP``): shard the policy and the critic; the reference stays whole."""
-        if is_fsdp2(self.trainer.strategy) and not is_sharded(self.policy):
+        if is_fsdp2(self.trainer.strategy) and not is_fsdp2_unit(self.policy):
             if self.device_mesh["tensor_parallel"].size() > 1:  # every rank must be a data-parallel rank
                 raise ConfigError("trainer.strategy: tensor parallelism is not supported; use cappo_pl.strategies.FSDP")
             for model in [self.policy] + ([self.critic] if self.critic is not None else []):
@@ -451,7 +451,6 @@ class RLModule(SRRHooks, pl.LightningModule):
         """Current fp16 GradScaler scale (1.0 without one: fp32, bf16)."""
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-
 
     def _log_step(self, batch, exp, old, ref_logp, update_metrics, times) -> None:
         group = self.rollout_cfg.group_size

@@ -169,14 +169,15 @@ def score_completions(
 
     """
     args = (completion_len, temperature, chunk_tokens, return_hidden, gram_space, topk_ids)
-    if _is_fsdp2_unit(model):
+    if is_fsdp2_unit(model):
         # a tuple of tensors out of the root's forward (FSDP2 hooks its outputs' tensors for backward)
         as_tuple = lambda ids, mask: tuple(vars(_score(model, ids, mask, *args)).values())  # noqa: E731
         return Scores(*call_as_forward(model, as_tuple, input_ids, attention_mask))
     return _score(model, input_ids, attention_mask, *args)
 
 
-def _is_fsdp2_unit(model: nn.Module) -> bool:
+def is_fsdp2_unit(model: nn.Module) -> bool:
+    """``model`` is an FSDP2 unit (``fully_shard`` applied to it)."""
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)

@@ -82,10 +82,3 @@ def shards_parameters(strategy: object) -> bool:
     from cappo_pl.gradients import zero_stage
 
     return zero_stage(strategy) == 3 or is_fsdp2(strategy)
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    """``model`` is already an FSDP2 unit."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
