@@ -3,7 +3,12 @@ import math
 import pytest
 import torch
 
-from cappo_pl.losses import AGG_MODES, agg_loss, kl_penalty, ppo_clip_loss
+from cappo_pl.losses import AGG_MODES, PPOClip, TokenBatch, agg_loss, kl_penalty
+
+
+def ppo_clip_loss(logp, old, adv, mask, eps_low=0.2, eps_high=0.2, c=3.0, agg="token-mean"):
+    batch = TokenBatch(logp=logp, old_logp=old, rollout_logp=old, advantages=adv, mask=mask)
+    return PPOClip(eps_low, eps_high, c, agg)(batch)
 
 
 def _loop_agg(loss, mask, mode, L=None):
@@ -127,7 +132,6 @@ def test_kl_bad_name():
 
 
 def test_entropy_bonus_and_kl_objectives():
-    from cappo_pl.losses import TokenBatch
     from cappo_pl.objectives import EntropyBonus, KLPenalty
 
     H = torch.tensor([[1.0, 2.0, 9.0]])
@@ -141,8 +145,6 @@ def test_entropy_bonus_and_kl_objectives():
 
 
 def test_seq_mean_token_sum_norm_divisor_is_constant_across_batch_lengths():
-    from cappo_pl.losses import PPOClip, TokenBatch
-
     loss = PPOClip(agg="seq-mean-token-sum-norm")
     for T in (3, 7):  # early-stopped rollouts have different padded lengths
         z = torch.zeros(2, T)

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from cappo_pl.losses import DPPO, ERC, GPPO, TokenBatch, binary_divergence, gppo_loss, ppo_clip_token_loss
+from cappo_pl.errors import ConfigError
+from cappo_pl.losses import DPPO, ERC, GPPO, PPOClip, TokenBatch, binary_divergence, ppo_clip_token_loss
 
 EPS, B1, B2, C = 0.2, 0.5, 1.0, 10.0
 
@@ -33,7 +34,7 @@ def _tensors(cases):
 
 def test_ce_gppo_value_and_gradient_on_every_branch():
     logp, old, adv, mask = _tensors(GPPO_CASES)
-    loss, metrics = gppo_loss(logp, old, adv, mask, B1, B2, EPS, EPS, C, "token-mean")
+    loss, metrics = GPPO(B1, B2, EPS, EPS, C, "token-mean")(_batch(logp, old, adv, mask))
     n = sum(c[2] for c in GPPO_CASES)
     want_value = sum(c[3] for c in GPPO_CASES if c[2]) / n
     assert loss.item() == pytest.approx(want_value, abs=1e-12)
@@ -47,8 +48,9 @@ def test_ce_gppo_value_and_gradient_on_every_branch():
 
 def test_gppo_with_unit_betas_differs_from_ppo_only_by_the_clipped_gradient():
     logp, old, adv, mask = _tensors(GPPO_CASES)
-    gppo, _ = gppo_loss(logp, old, adv, mask, 1.0, 1.0, EPS, EPS, C, "token-sum")
-    per_ppo, regions = ppo_clip_token_loss(logp, old, adv, EPS, EPS, C)
+    gppo, _ = GPPO(1.0, 1.0, EPS, EPS, C, "token-sum")(_batch(logp, old, adv, mask))
+    ppo_out = ppo_clip_token_loss(logp, old, adv, EPS, EPS, C)
+    per_ppo, regions = ppo_out.per_token, ppo_out.regions
     ppo = (per_ppo * mask).sum()
     assert gppo.item() == pytest.approx(ppo.item(), abs=1e-12)  # same forward value (beta = 1)
     g_gppo = torch.autograd.grad(gppo, logp)[0][0]
@@ -68,8 +70,8 @@ def test_erc_cuts_the_gradient_outside_the_band_and_keeps_value_and_denominator(
     logp, old, adv, mask = _tensors([(r, a, m, 0, 0) for r, a, m in cases])
     old_h = torch.ones_like(logp)
     h = torch.tensor([[1.0, 1.04, 0.96, 1.2, 0.9, 1.0]], dtype=torch.float64)  # rho: in, in, in, out, out, pad
-    loss, metrics = ERC(base="dapo", eps_high=0.28)(_batch(logp, old, adv, mask, entropy=h, old_entropy=old_h))
-    per, _ = ppo_clip_token_loss(logp, old, adv, 0.2, 0.28, 10.0)
+    loss, metrics = ERC()(_batch(logp, old, adv, mask, entropy=h, old_entropy=old_h))  # default: DAPO's PPO-clip
+    per = ppo_clip_token_loss(logp, old, adv, 0.2, 0.28, 10.0).per_token
     assert loss.item() == pytest.approx(((per * mask).sum() / mask.sum()).item(), abs=1e-12)  # value unchanged
     (grad,) = torch.autograd.grad(loss, logp)
     base_grad = torch.autograd.grad((per * mask).sum() / mask.sum(), logp)[0]
@@ -84,8 +86,8 @@ def test_erc_on_policy_masks_nothing():
     logp = torch.randn(3, 5, generator=g, dtype=torch.float64).requires_grad_(True)
     h = torch.rand(3, 5, generator=g, dtype=torch.float64) * 2
     adv, mask = torch.randn(3, 1, generator=g).expand(3, 5).double(), torch.ones(3, 5, dtype=torch.float64)
-    for base in ("dapo", "gppo"):
-        _, metrics = ERC(base=base)(_batch(logp, logp.detach(), adv, mask, entropy=h, old_entropy=h.clone()))
+    for base in (PPOClip(0.2, 0.28, 10.0), GPPO(1.0, 1.0, 0.2, 0.2, 10.0)):
+        _, metrics = ERC(base)(_batch(logp, logp.detach(), adv, mask, entropy=h, old_entropy=h.clone()))
         assert metrics["erc_masked_frac"].item() == 0.0
 
 
@@ -155,8 +157,8 @@ def test_dppo_anchors_on_the_sampler_not_pi_old():
 def test_bad_names_are_refused():
     with pytest.raises(ValueError, match="divergence"):
         DPPO("tv")
-    with pytest.raises(ValueError, match="base"):
-        ERC(base="ppo")
+    with pytest.raises(ConfigError, match="ERC.base must be a policy loss given by class_path"):
+        ERC(base="dapo")
     with pytest.raises(ValueError, match="clip_ratio_c"):
         GPPO(clip_ratio_c=0.5)(_batch(*_tensors(GPPO_CASES)))
 
@@ -236,6 +238,9 @@ def test_each_method_composes_with_entropy_and_kl_under_a_combiner(config, combi
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = yaml.safe_load(open(os.path.join(root, "configs", config)))
+    if "base" in cfg:  # parents are named relative to the config's folder; the composed copy lives elsewhere
+        names = [cfg["base"]] if isinstance(cfg["base"], str) else cfg["base"]
+        cfg["base"] = [os.path.join(root, "configs", name) for name in names]
     present = {o["class_path"] for o in cfg["model"]["objectives"]}
     cfg["model"]["objectives"] += [
         o
@@ -264,7 +269,7 @@ def test_each_method_composes_with_entropy_and_kl_under_a_combiner(config, combi
 
 
 def test_gspo_uses_the_sequence_ratio_with_per_token_gradients():
-    from cappo_pl.losses import gspo_loss
+    from cappo_pl.losses import GSPO
 
     # sequence 0: log-ratios 0.1, 0.3: s = e^0.2 is outside the 1e-3 clip range, A > 0 takes the clipped branch;
     # sequence 1: log-ratios 0, 0 (s = 1, unclipped); sequence 2: padding after one token
@@ -272,7 +277,7 @@ def test_gspo_uses_the_sequence_ratio_with_per_token_gradients():
     logp = torch.tensor([[0.1, 0.3], [0.0, 0.0], [-0.0002, 5.0]], dtype=torch.float64).requires_grad_(True)
     adv = torch.tensor([[1.0, 1.0], [2.0, 2.0], [-1.0, -1.0]], dtype=torch.float64)
     mask = torch.tensor([[1, 1], [1, 1], [1, 0]], dtype=torch.float64)
-    loss, metrics = gspo_loss(logp, old, adv, mask, 1e-3, 1e-3)
+    loss, metrics = GSPO(1e-3, 1e-3)(_batch(logp, old, adv, mask, loss_scale_factor=7.0))  # L unused: seq-mean
     s = [math.exp(0.2), 1.0, math.exp(-0.0002)]
     # per sequence: max(-A s, -A clip(s)); seq-mean-token-mean of a per-sequence constant is that constant
     per_seq = [max(-a * v, -a * min(max(v, 1 - 1e-3), 1 + 1e-3)) for a, v in zip([1.0, 2.0, -1.0], s, strict=True)]
@@ -285,13 +290,13 @@ def test_gspo_uses_the_sequence_ratio_with_per_token_gradients():
 
 
 def test_cispo_weight_is_clipped_and_stop_gradient_and_every_token_gets_a_gradient():
-    from cappo_pl.losses import cispo_loss
+    from cappo_pl.losses import CISPO
 
     r = torch.tensor([[0.5, 1.0, 3.0, 8.0]], dtype=torch.float64)
     logp = r.log().clone().requires_grad_(True)
     adv = torch.tensor([[1.0, -1.0, 1.0, 1.0]], dtype=torch.float64)
     mask = torch.ones_like(r)
-    loss, metrics = cispo_loss(logp, torch.zeros_like(r), adv, mask, None, 5.0, "token-sum")
+    loss, metrics = CISPO(None, 5.0, "token-sum")(_batch(logp, torch.zeros_like(r), adv, mask))
     w = [0.5, 1.0, 3.0, 5.0]
     assert loss.item() == pytest.approx(
         sum(-wi * a * math.log(ri) for wi, a, ri in zip(w, [1, -1, 1, 1], r[0].tolist(), strict=True))
@@ -333,12 +338,12 @@ def test_token_covariance_matches_the_definition():
 
 
 def test_kl_cov_penalises_exactly_the_top_covariance_tokens():
-    from cappo_pl.losses import kl_cov_loss, token_covariance
+    from cappo_pl.losses import KLCov, token_covariance
 
     logp, adv, mask = _cov_batch()
     old = logp - 0.1  # log r = 0.1 everywhere
     x = logp.clone().requires_grad_(True)
-    loss, metrics = kl_cov_loss(x, old, adv, mask, ratio=0.25, beta=1.0, agg="token-sum")  # 2 of 8 tokens
+    loss, metrics = KLCov(ratio=0.25, beta=1.0, agg="token-sum")(_batch(x, old, adv, mask))  # 2 of 8 tokens
     cov = token_covariance(logp, adv, mask)[0]
     top = set(torch.topk(cov, 2).indices.tolist())
     r = math.exp(0.1)
@@ -351,7 +356,7 @@ def test_kl_cov_penalises_exactly_the_top_covariance_tokens():
 
 
 def test_clip_cov_drops_random_in_band_candidates_only():
-    from cappo_pl.losses import clip_cov_loss, token_covariance
+    from cappo_pl.losses import clip_cov_token_loss, token_covariance
 
     logp, adv, mask = _cov_batch()
     cov = token_covariance(logp, adv, mask)[0]
@@ -359,7 +364,8 @@ def test_clip_cov_drops_random_in_band_candidates_only():
     assert 2 <= len(band) < 8  # the data has in-band and out-of-band tokens
     for seed in range(5):
         x = logp.clone().requires_grad_(True)
-        loss, metrics = clip_cov_loss(x, logp, adv, mask, torch.Generator().manual_seed(seed), ratio=0.125)
+        out = clip_cov_token_loss(x, logp, adv, mask, torch.Generator().manual_seed(seed), ratio=0.125)
+        loss, metrics = out.reduce(mask, "token-mean")
         (grad,) = torch.autograd.grad(loss, x)
         dropped = {t for t in range(8) if grad[0, t].item() == 0.0 and adv[0, t].item() != 0.0}
         assert len(dropped) == 1 and dropped <= band  # max(1, floor(0.125 x 8)) = 1, from the band

@@ -1,7 +1,8 @@
 """Loss aggregation over a (B, T) matrix of per-token losses.
 
-Modes follow verl's ``agg_loss`` (verl-project/verl ``verl/trainer/ppo/core_algos.py``); see
-shared/reference/algorithms.md section 1.9.
+Modes follow verl's ``agg_loss`` (verl-project/verl ``verl/trainer/ppo/core_algos.py``);
+``seq-mean-token-sum-norm`` is Dr. GRPO's (Liu et al. 2025, "Understanding R1-Zero-Like Training",
+arXiv:2503.20783).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Clip-Cov and KL-Cov: act on the tokens whose log-prob/advantage covariance drives entropy down.
 
-Cui et al. 2025, "The Entropy Mechanism of RL for Reasoning LMs"; verl ``clip_cov`` / ``kl_cov``;
-shared/reference/algorithms.md section 1.10.
+Cui et al. 2025, "The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models"
+(arXiv:2505.22617); verl ``clip_cov`` / ``kl_cov`` policy-loss modes.
 
 Entropy falls with the covariance between log-probability and advantage, so both act on the few
 tokens with the largest centred covariance over the mini-batch's valid tokens,
@@ -20,8 +20,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cappo_pl.losses.aggregation import AggMode, GlobalBatch, agg_loss, masked_mean
-from cappo_pl.losses.base import PolicyLoss, TokenBatch
+from cappo_pl.losses.aggregation import AggMode, masked_mean
+from cappo_pl.losses.base import PolicyLoss, TokenBatch, TokenLoss
+from cappo_pl.losses.ratio import importance_ratio, log_ratio
+from cappo_pl.seeds import generator
 
 
 def token_covariance(logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
@@ -35,7 +37,7 @@ def _count(ratio: float, mask: Tensor) -> int:
     return max(1, int(ratio * float(mask.sum())))
 
 
-def clip_cov_loss(
+def clip_cov_token_loss(
     logp: Tensor,
     old_logp: Tensor,
     advantages: Tensor,
@@ -46,17 +48,15 @@ def clip_cov_loss(
     cov_ub: float = 5.0,
     eps_low: float = 1.0,
     eps_high: float = 1.0,
-    agg: AggMode = "token-mean",
-    loss_scale_factor: float | None = None,
-    dp: GlobalBatch | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clip-Cov (module docstring); ``generator`` draws which candidates are dropped.
+) -> TokenLoss:
+    """Per-token Clip-Cov loss (module docstring); tensors (B, T), ``generator`` draws the dropped tokens.
 
     Returns:
-        ``(loss, metrics)`` with ``cov_dropped_frac`` and ``clipfrac``.
+        ``l`` (B, T), the region ``clipped`` (PPO's L2 > L1 on valid tokens) and the metric
+        ``cov_dropped_frac``.
 
     """
-    r = torch.exp((logp - old_logp).clamp(-20.0, 20.0))
+    r = importance_ratio(logp, old_logp)
     loss1, loss2 = -advantages * r, -advantages * r.clamp(1.0 - eps_low, 1.0 + eps_high)
     clipped = (loss2 > loss1) & (mask > 0)
     cov = token_covariance(logp, advantages, mask).masked_fill(clipped, -torch.inf)
@@ -66,28 +66,15 @@ def clip_cov_loss(
         pick = torch.randperm(len(candidates), generator=generator)[: _count(ratio, mask)]
         chosen = candidates[pick.to(candidates.device)]
         keep[chosen[:, 0], chosen[:, 1]] = 0.0
-    loss = agg_loss(torch.maximum(loss1, loss2) * keep, mask, agg, loss_scale_factor, dp=dp)
-    with torch.no_grad():
-        metrics = {
-            "cov_dropped_frac": masked_mean((keep == 0).float(), mask),
-            "clipfrac": masked_mean(clipped.float(), mask),
-        }
-    return loss, metrics
+    metrics = {"cov_dropped_frac": masked_mean((keep == 0).float(), mask)}
+    return TokenLoss(torch.maximum(loss1, loss2) * keep, {"clipped": clipped}, metrics)
 
 
-def kl_cov_loss(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    ratio: float = 2e-4,
-    beta: float = 1.0,
-    agg: AggMode = "token-mean",
-    loss_scale_factor: float | None = None,
-    dp: GlobalBatch | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """KL-Cov (module docstring). Returns ``(loss, metrics)`` with ``cov_penalised_frac``."""
-    log_r = (logp - old_logp).clamp(-20.0, 20.0)
+def kl_cov_token_loss(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, ratio: float = 2e-4, beta: float = 1.0
+) -> TokenLoss:
+    """Per-token KL-Cov loss (module docstring); tensors (B, T). Metric: ``cov_penalised_frac``."""
+    log_r = log_ratio(logp, old_logp)
     base = -advantages * torch.exp(log_r)
     cov = token_covariance(logp, advantages, mask).reshape(-1)
     top = torch.topk(cov, min(_count(ratio, mask), int(mask.sum())), largest=True).indices
@@ -95,12 +82,11 @@ def kl_cov_loss(
     penalised[top] = True
     penalised = penalised.view_as(logp) & (mask > 0)
     per_token = torch.where(penalised, base + beta * log_r.abs(), base)
-    loss = agg_loss(per_token, mask, agg, loss_scale_factor, dp=dp)
-    return loss, {"cov_penalised_frac": masked_mean(penalised.float(), mask)}
+    return TokenLoss(per_token, metrics={"cov_penalised_frac": masked_mean(penalised.float(), mask)})
 
 
 class ClipCov(PolicyLoss):
-    """Clip-Cov against pi_old.
+    """Clip-Cov against pi_old (``clip_cov_token_loss``).
 
     Args:
         ratio: fraction of tokens dropped (verl 2e-4).
@@ -126,18 +112,16 @@ class ClipCov(PolicyLoss):
         self.ratio, self.cov_lb, self.cov_ub = ratio, cov_lb, cov_ub
         self.eps_low, self.eps_high, self.agg, self.seed = eps_low, eps_high, agg, seed
 
-    def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
+    def token_loss(self, b: TokenBatch) -> TokenLoss:
         # a pure function of the mini-batch and the seed: reproducible and exact on resume, no RNG state
-        content = int(float((batch.old_logp * batch.mask).sum()) * 1e6) % (2**31)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + content)
-        return clip_cov_loss(
-            batch.logp, batch.old_logp, batch.advantages, batch.mask, gen, self.ratio, self.cov_lb, self.cov_ub,
-            self.eps_low, self.eps_high, self.agg, self.scale_factor(batch), dp=batch.dp,
-        )  # fmt: skip
+        content = int(float((b.old_logp * b.mask).sum()) * 1e6) % (2**31)
+        gen = generator(self.seed, "clip_cov", content)
+        args = (gen, self.ratio, self.cov_lb, self.cov_ub, self.eps_low, self.eps_high)
+        return clip_cov_token_loss(b.logp, b.old_logp, b.advantages, b.mask, *args)
 
 
 class KLCov(PolicyLoss):
-    """KL-Cov against pi_old.
+    """KL-Cov against pi_old (``kl_cov_token_loss``).
 
     Args:
         ratio: fraction of tokens penalised (verl ``kl_cov_ratio`` 2e-4; the paper's k 0.2% for 7B).
@@ -149,8 +133,5 @@ class KLCov(PolicyLoss):
     def __init__(self, ratio: float = 2e-4, beta: float = 1.0, agg: AggMode = "token-mean") -> None:
         self.ratio, self.beta, self.agg = ratio, beta, agg
 
-    def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        return kl_cov_loss(
-            batch.logp, batch.old_logp, batch.advantages, batch.mask, self.ratio, self.beta, self.agg,
-            self.scale_factor(batch), dp=batch.dp,
-        )  # fmt: skip
+    def token_loss(self, b: TokenBatch) -> TokenLoss:
+        return kl_cov_token_loss(b.logp, b.old_logp, b.advantages, b.mask, self.ratio, self.beta)

@@ -1,8 +1,8 @@
 """DPPO: a trust region on the estimated divergence to the behaviour policy, instead of ratio clipping.
 
-shared/reference/papers/003; Stable-RL ``compute_policy_loss_with_mask`` and verl
-``compute_policy_loss_dppo_{tv,kl}`` (algorithms.md section 4.1). Anchored on the sampler's policy mu
-(``rollout_logp``), not on the recomputed pi_old:
+Qi et al. 2026, "Rethinking the Trust Region in LLM Reinforcement Learning" (arXiv:2602.04879; code:
+sail-sg/Stable-RL ``compute_policy_loss_with_mask``, and verl ``compute_policy_loss_dppo_{tv,kl}``).
+Anchored on the sampler's policy mu (``rollout_logp``), not on the recomputed pi_old:
 
     l_t = -A_t sg(min(pi(a_t) / mu(a_t), C)) log pi(a_t) M_t
     M_t = 1 - invalid_t (detached);  invalid_t = invalid_pos if A_t > 0 else invalid_neg
@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from cappo_pl.errors import ConfigError
-from cappo_pl.losses.aggregation import AggMode, GlobalBatch, agg_loss, masked_mean
-from cappo_pl.losses.base import PolicyLoss, TokenBatch
+from cappo_pl.losses.aggregation import AggMode, masked_mean
+from cappo_pl.losses.base import PolicyLoss, TokenBatch, TokenLoss
 
 Divergence = Literal["binary_tv", "binary_kl", "topk_tv", "topk_kl"]
 DEFAULT_DELTA = {"binary_tv": 0.15, "binary_kl": 0.05, "topk_tv": 0.15, "topk_kl": 0.05}
@@ -99,7 +99,7 @@ def dppo_invalid(
     return torch.where(advantages > 0, inv_pos, inv_neg), d
 
 
-def dppo_loss(
+def dppo_token_loss(
     logp: Tensor,
     mu_logp: Tensor,
     advantages: Tensor,
@@ -108,33 +108,41 @@ def dppo_loss(
     delta_low: float = 0.15,
     delta_high: float = 0.15,
     tis_cap: float = 10.0,
-    agg: AggMode = "seq-mean-token-sum-norm",
-    loss_scale_factor: float | None = None,
     pi_topk_logp: Tensor | None = None,
     mu_topk_logp: Tensor | None = None,
-    dp: GlobalBatch | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """DPPO surrogate (module docstring); tensors (B, T), Top-K logprobs (B, T, K).
+) -> TokenLoss:
+    """Per-token DPPO loss ``-A sg(min(r, C)) log pi M`` (module docstring), ``r = pi / mu``.
+
+    Args:
+        logp: log pi (B, T), with gradient.
+        mu_logp: log mu (B, T), the sampler's.
+        advantages: A (B, T).
+        mask: (B, T), the tokens the metrics average over.
+        kind: the divergence (``Divergence``).
+        delta_low: region size where pi falls below mu.
+        delta_high: region size where pi rises above mu.
+        tis_cap: cap C of the importance weight.
+        pi_topk_logp: (B, T, K) current logprobs of the sampler's top-K ids (Top-K only).
+        mu_topk_logp: (B, T, K) the sampler's logprobs of the same ids (Top-K only).
 
     Returns:
-        ``(loss, metrics)``: ``dppo_masked_pos`` / ``dppo_masked_neg`` (fraction of tokens masked with
-        A > 0 / A <= 0), ``dppo_masked`` (both), ``dppo_divergence`` (mean D), ``tis_clipfrac``.
+        ``l`` (B, T), no clip regions, and the metrics ``dppo_masked`` (fraction of tokens masked),
+        ``dppo_masked_pos`` / ``dppo_masked_neg`` (masked with A > 0 / A <= 0), ``dppo_divergence``
+        (mean D) and ``tis_clipfrac`` (r > C).
 
     """
     invalid, d = dppo_invalid(logp, mu_logp, advantages, kind, delta_low, delta_high, pi_topk_logp, mu_topk_logp)
-    ratio = torch.exp((logp.detach() - mu_logp.detach()).clamp(max=20.0))
+    ratio = torch.exp((logp.detach() - mu_logp.detach()).clamp(max=20.0))  # clamped above only
     weight = ratio.clamp(max=tis_cap)
     per_token = -advantages * weight * logp * (~invalid).to(logp.dtype)
-    loss = agg_loss(per_token, mask, agg, loss_scale_factor, dp=dp)
-    with torch.no_grad():
-        metrics = {
-            "dppo_masked": masked_mean(invalid.float(), mask),
-            "dppo_masked_pos": masked_mean((invalid & (advantages > 0)).float(), mask),
-            "dppo_masked_neg": masked_mean((invalid & (advantages <= 0)).float(), mask),
-            "dppo_divergence": masked_mean(d, mask),
-            "tis_clipfrac": masked_mean((ratio > tis_cap).float(), mask),
-        }
-    return loss, metrics
+    metrics = {
+        "dppo_masked": masked_mean(invalid.float(), mask),
+        "dppo_masked_pos": masked_mean((invalid & (advantages > 0)).float(), mask),
+        "dppo_masked_neg": masked_mean((invalid & (advantages <= 0)).float(), mask),
+        "dppo_divergence": masked_mean(d, mask),
+        "tis_clipfrac": masked_mean((ratio > tis_cap).float(), mask),
+    }
+    return TokenLoss(per_token, metrics=metrics)
 
 
 class DPPO(PolicyLoss):
@@ -160,21 +168,16 @@ class DPPO(PolicyLoss):
         agg: AggMode = "seq-mean-token-sum-norm",
         loss_scale_factor: float | None = None,
     ) -> None:
-        default = DEFAULT_DELTA
-        if divergence not in default:
+        if divergence not in DEFAULT_DELTA:
             raise ConfigError(
-                f"model.objectives: loss DPPO: divergence must be one of {sorted(default)}, got {divergence!r}"
+                f"model.objectives: loss DPPO: divergence must be one of {sorted(DEFAULT_DELTA)}, got {divergence!r}"
             )
         self.divergence = divergence
         self.needs_topk = divergence.startswith("topk")
-        self.delta_low = default[divergence] if delta_low is None else delta_low
-        self.delta_high = default[divergence] if delta_high is None else delta_high
+        self.delta_low = DEFAULT_DELTA[divergence] if delta_low is None else delta_low
+        self.delta_high = DEFAULT_DELTA[divergence] if delta_high is None else delta_high
         self.tis_cap, self.agg, self.loss_scale_factor = tis_cap, agg, loss_scale_factor
 
-    def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        lsf = self.scale_factor(batch)
-        return dppo_loss(
-            batch.logp, batch.rollout_logp, batch.advantages, batch.mask, self.divergence,
-            self.delta_low, self.delta_high, self.tis_cap, self.agg, lsf, batch.topk_logp, batch.rollout_topk_logp,
-            dp=batch.dp,
-        )  # fmt: skip
+    def token_loss(self, b: TokenBatch) -> TokenLoss:
+        args = (self.divergence, self.delta_low, self.delta_high, self.tis_cap, b.topk_logp, b.rollout_topk_logp)
+        return dppo_token_loss(b.logp, b.rollout_logp, b.advantages, b.mask, *args)

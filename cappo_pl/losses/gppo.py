@@ -1,8 +1,10 @@
 """GPPO and CE-GPPO: bounded gradients for tokens outside the PPO clip interval.
 
-CE-GPPO (shared/reference/papers/002; Kwai-Klear/CE-GPPO ``compute_gppo_loss_general_beta``,
-shared/reference/algorithms.md section 2.1). PPO gives tokens that are already clipped no
-gradient; GPPO keeps a bounded one through ``r / sg(r)`` (value 1, gradient ``grad log pi``):
+CE-GPPO (Su et al. 2025, "CE-GPPO: Coordinating Entropy via Gradient-Preserving Clipping Policy
+Optimization in Reinforcement Learning", arXiv:2509.20712; code: Kwai-Klear/CE-GPPO
+``compute_gppo_loss_general_beta``); GPPO is Klear-Reasoner's (arXiv:2508.07629). PPO gives tokens
+that are already clipped no gradient; GPPO keeps a bounded one through ``r / sg(r)`` (value 1,
+gradient ``grad log pi``):
 
     low  = (r < 1 - eps_low)  & (A < 0)        # negative advantage, already pushed down
     high = (r > 1 + eps_high) & (A > 0)        # positive advantage, already pushed up
@@ -20,8 +22,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cappo_pl.losses.aggregation import AggMode, GlobalBatch, agg_loss, masked_mean
-from cappo_pl.losses.base import PolicyLoss, TokenBatch
+from cappo_pl.losses.aggregation import AggMode
+from cappo_pl.losses.base import PolicyLoss, TokenBatch, TokenLoss
+from cappo_pl.losses.ratio import dual_clip, log_ratio
 
 
 def gppo_token_loss(
@@ -33,10 +36,26 @@ def gppo_token_loss(
     eps_low: float = 0.2,
     eps_high: float = 0.2,
     clip_ratio_c: float | None = 10.0,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-token CE-GPPO loss (B, T) and its region masks (bool, (B, T)): ``low``, ``high``, ``dual``."""
-    log_ratio = (logp - old_logp).clamp(-20.0, 20.0)  # as PPO here; the fork does not clamp (same in range)
-    ratio = torch.exp(log_ratio)
+) -> TokenLoss:
+    """Per-token CE-GPPO loss (module docstring).
+
+    Args:
+        logp: log pi (B, T), with gradient.
+        old_logp: log pi_old (B, T).
+        advantages: A (B, T).
+        beta1: gradient scale on the low side.
+        beta2: gradient scale on the high side.
+        eps_low: lower clip epsilon.
+        eps_high: upper clip epsilon.
+        clip_ratio_c: dual-clip constant c (> 1), or None.
+
+    Returns:
+        ``l`` (B, T) and the regions ``low``, ``high``, ``clipped`` (low or high), ``dual`` and ``log_ratio``
+        (``log r`` clamped to [-20, 20] as PPO's; the fork does not clamp, the same in range).
+
+    """
+    lr = log_ratio(logp, old_logp)
+    ratio = torch.exp(lr)
     unit = ratio / ratio.detach()  # value 1, gradient d log pi
     low = (ratio < 1.0 - eps_low) & (advantages < 0)
     high = (ratio > 1.0 + eps_high) & (advantages > 0)
@@ -45,55 +64,12 @@ def gppo_token_loss(
         -beta1 * (1.0 - eps_low) * unit * advantages,
         torch.where(high, -beta2 * (1.0 + eps_high) * unit * advantages, -ratio * advantages),
     )
-    dual = torch.zeros_like(low)
-    if clip_ratio_c is not None:
-        if clip_ratio_c <= 1.0:
-            raise ValueError(f"clip_ratio_c must be > 1 for dual-clip, got {clip_ratio_c}")
-        bound = -advantages * clip_ratio_c
-        dual = (advantages < 0) & (per_token > bound)
-        per_token = torch.where(advantages < 0, torch.minimum(per_token, bound), per_token)
-    return per_token, {"low": low, "high": high, "dual": dual, "log_ratio": log_ratio}
-
-
-def gppo_loss(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    beta1: float = 0.5,
-    beta2: float = 1.0,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    clip_ratio_c: float | None = 10.0,
-    agg: AggMode = "token-mean",
-    loss_scale_factor: float | None = None,
-    dp: GlobalBatch | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """CE-GPPO surrogate (module docstring); tensors (B, T).
-
-    Returns:
-        ``(loss, metrics)``: ``clipfrac`` (low or high), ``clipfrac_low``, ``clipfrac_high``,
-        ``clipfrac_dual``, ``ppo_kl``.
-
-    """
-    per_token, regions = gppo_token_loss(logp, old_logp, advantages, beta1, beta2, eps_low, eps_high, clip_ratio_c)
-    return agg_loss(per_token, mask, agg, loss_scale_factor, dp=dp), gppo_metrics(regions, mask)
-
-
-def gppo_metrics(regions: dict[str, Tensor], mask: Tensor) -> dict[str, Tensor]:
-    """Fractions of the masked tokens in each region."""
-    with torch.no_grad():
-        return {
-            "clipfrac": masked_mean((regions["low"] | regions["high"]).float(), mask),
-            "clipfrac_low": masked_mean(regions["low"].float(), mask),
-            "clipfrac_high": masked_mean(regions["high"].float(), mask),
-            "clipfrac_dual": masked_mean(regions["dual"].float(), mask),
-            "ppo_kl": masked_mean(-regions["log_ratio"], mask),
-        }
+    per_token, dual = dual_clip(per_token, advantages, clip_ratio_c)
+    return TokenLoss(per_token, {"clipped": low | high, "low": low, "high": high, "dual": dual, "log_ratio": lr})
 
 
 class GPPO(PolicyLoss):
-    """CE-GPPO against pi_old; ``beta1 = beta2 = 1`` is plain GPPO.
+    """CE-GPPO against pi_old; ``beta1 = beta2 = 1`` is plain GPPO (``gppo_token_loss``).
 
     Args:
         beta1: gradient scale on low-side tokens (r < 1 - eps_low, A < 0); release scripts 0.5 (1.5B).
@@ -119,9 +95,6 @@ class GPPO(PolicyLoss):
         self.beta1, self.beta2, self.eps_low, self.eps_high = beta1, beta2, eps_low, eps_high
         self.clip_ratio_c, self.agg, self.loss_scale_factor = clip_ratio_c, agg, loss_scale_factor
 
-    def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        lsf = self.scale_factor(batch)
-        return gppo_loss(
-            batch.logp, batch.old_logp, batch.advantages, batch.mask, self.beta1, self.beta2,
-            self.eps_low, self.eps_high, self.clip_ratio_c, self.agg, lsf, dp=batch.dp,
-        )  # fmt: skip
+    def token_loss(self, b: TokenBatch) -> TokenLoss:
+        args = (self.beta1, self.beta2, self.eps_low, self.eps_high, self.clip_ratio_c)
+        return gppo_token_loss(b.logp, b.old_logp, b.advantages, *args)

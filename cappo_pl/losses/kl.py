@@ -1,7 +1,7 @@
 """Per-token KL estimators between the policy and the reference on samples from the policy.
 
 Schulman, "Approximating KL divergence" (http://joschu.net/blog/kl-approx.html); verl
-``kl_penalty_forward``. See shared/reference/algorithms.md section 1.7.
+``kl_penalty_forward`` (verl-project/verl ``verl/trainer/ppo/core_algos.py``).
 """
 
 from __future__ import annotations
