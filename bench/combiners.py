@@ -97,7 +97,7 @@ def setup(model_name: str, args: argparse.Namespace):
         opt.zero_grad(set_to_none=True)
         combined_backward(
             losses, weights, combiners[row], space, lambda loss, retain: loss.backward(retain_graph=retain),
-            list(model.parameters()), logp=cur.logp, entropy=cur.entropy, gram_stats=cur.gram_stats, monitor=monitor,
+            list(model.parameters()), cur, monitor=monitor,
         )  # fmt: skip
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -1,6 +1,6 @@
 """The contraction experiment: does GRPO lose the SFT policy's support, and does CaPPO keep it?
 
-    python bench/contraction.py                      # 4 methods x 3 seeds x 200 RL steps (README)
+    python bench/contraction.py                      # 4 methods x 3 seeds x 200 RL steps (docs/cappo.md)
     python bench/contraction.py --steps 50 --seeds 0 --methods grpo cappo
 
 Every run starts from the same SFT warm start of the built-in task (the seed changes sampling and
@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # method -> (config, dotted overrides). All share the policy surrogate (PPO-clip, GRPO advantages), the
 # k3 KL (0.04 in the loss), data, model, SFT start, optimizer and step count. ``callbacks.<Class>.<arg>``
 # sets an init arg of that callback. The first four are the experiment; the rest are the variants
-# the README reports (``--methods`` picks them).
+# docs/cappo.md reports (``--methods`` picks them).
 _KL_BUDGET = {
     "class_path": "cappo_pl.callbacks.AdaptiveKLController",
     "init_args": {"objective": "kl", "init_coef": 0.04, "target": 0.2, "horizon": 10000, "gate": True},

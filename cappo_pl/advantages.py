@@ -2,7 +2,7 @@
 
 Samples are laid out group-major: ``rewards[p * G + g]`` is completion g of prompt p. The critic-free
 estimators map sequence rewards (N,) to sequence advantages (N,), broadcast over tokens
-(shared/reference/algorithms.md sections 1.2 and 1.4); GAE works per token with the critic's values.
+(docs/reference/algorithms.md sections 1.2 and 1.4); GAE works per token with the critic's values.
 
 ``valid`` (N,) bool marks samples whose reward counts (a skipped, non-finite reward is invalid):
 statistics are taken over valid samples only and invalid samples get advantage 0, so a skipped

@@ -124,27 +124,6 @@ def value_loss(
     return loss, metrics
 
 
-def check_critic_strategy(strategy: object) -> None:
-    """Refuse strategies the critic's second backward per step does not work with (ConfigError)."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    from cappo_pl.errors import ConfigError
-    from cappo_pl.gradients import is_deepspeed
-
-    name = type(strategy).__name__
-    # DeepSpeed: one engine owns every gradient and clips them all together; FSDP1 wraps the whole module.
-    # FSDP2 (cappo_pl.strategies.FSDP) shards the critic as its own unit and clips its DTensor gradients.
-    if is_deepspeed(strategy) or isinstance(strategy, FSDPStrategy):
-        raise ConfigError(f"model.critic: not supported under {name} yet (use DDP or cappo_pl.strategies.FSDP)")
-    from lightning.pytorch.strategies import DDPStrategy
-
-    if isinstance(strategy, DDPStrategy) and not getattr(strategy, "_ddp_kwargs", {}).get(
-        "find_unused_parameters", False
-    ):
-        # the policy's and the critic's backward passes each use only their own parameters
-        raise ConfigError("model.critic: under DDP set trainer.strategy=ddp_find_unused_parameters_true")
-
-
 def critic_backward(
     critic: ValueModel,
     cfg: CriticConfig,

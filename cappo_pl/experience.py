@@ -1,6 +1,6 @@
 """Collecting one RL step's experience: rollouts, rewards, DAPO's overlong shaping and dynamic sampling.
 
-DAPO (Yu et al. 2025; shared/reference/algorithms.md section 1.3), components 3 and 4:
+DAPO (Yu et al. 2025; docs/reference/algorithms.md section 1.3), components 3 and 4:
 
 - Dynamic sampling (verl ``algorithm.filter_groups``): groups whose metric (accuracy or reward) has
   zero variance carry no group-relative signal and are dropped; more prompts are generated until
@@ -28,7 +28,10 @@ from torch import Tensor
 
 from cappo_pl.advantages import zero_std_groups
 from cappo_pl.data.records import Record
+from cappo_pl.losses.aggregation import GlobalBatch
+from cappo_pl.losses.base import TokenBatch
 from cappo_pl.rollout import Rollout
+from cappo_pl.scoring import Scores
 
 
 @dataclass
@@ -188,3 +191,38 @@ def collect_experience(
         mask=mask,
         stats=stats,
     )
+
+
+@dataclass
+class StepData:
+    """Everything a step's updates read: the experience and its step-start scores, N rows each.
+
+    Attributes:
+        exp: rollouts, rewards and the loss mask.
+        old: pi_old's (B, T) logprobs and entropies (no grad), the PPO anchor.
+        ref_logp: (N, T) reference logprobs (None when no objective needs them).
+        advantages: (N, T) per-token advantages.
+        returns: (N, T) the critic's targets (None without a critic).
+        old_values: (N, T) the critic's step-start values (None without a critic).
+
+    """
+
+    exp: Experience
+    old: Scores
+    ref_logp: Tensor | None
+    advantages: Tensor
+    returns: Tensor | None = None
+    old_values: Tensor | None = None
+
+    def token_batch(
+        self, idx: Tensor, cur: Scores, loss_scale_factor: float, dp: GlobalBatch | None
+    ) -> TokenBatch:
+        """The losses' view of mini-batch ``idx`` (rows of the step), scored by ``cur`` (with grad)."""
+        exp, sub = self.exp, self.exp.rollout.select(idx)
+        return TokenBatch(
+            logp=cur.logp, old_logp=self.old.logp[idx], rollout_logp=sub.rollout_logp,
+            advantages=self.advantages[idx], mask=exp.mask[idx], entropy=cur.entropy,
+            old_entropy=self.old.entropy[idx], ref_logp=None if self.ref_logp is None else self.ref_logp[idx],
+            rewards=exp.rewards[idx], correct=exp.correct[idx], loss_scale_factor=loss_scale_factor,
+            topk_logp=cur.topk_logp, rollout_topk_logp=sub.topk_logp, dp=dp,
+        )  # fmt: skip

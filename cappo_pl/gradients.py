@@ -1,6 +1,6 @@
 """Per-objective gradients -> Gram (K x K) -> combiner coefficients -> one combined update.
 
-Three Gram spaces (DESIGN.md "Contracts"; reference/combiners.md A2.1, A5, B6):
+Three Gram spaces (docs/combiners.md; docs/reference/combiners.md A2.1, A5, B6):
 
 - ``params``: exact. K backward passes through the strategy (under DDP each one is all-reduced, so
   the local Gram of the averaged gradients IS the global Gram: no further reduction). Each
@@ -36,13 +36,12 @@ import torch
 from torch import Tensor
 
 from cappo_pl.combiners.base import Combiner
-from cappo_pl.errors import ConfigError
+from cappo_pl.losses.aggregation import GlobalBatch
+from cappo_pl.scoring import Scores
 
 Space = Literal["params", "hidden", "logits"]
 Backward = Callable[[Tensor, bool], None]
 """``backward(loss, retain_graph)``: the strategy-aware backward (``LightningModule.manual_backward``)."""
-AllReduce = Callable[[Tensor], Tensor]
-"""Sum over data-parallel ranks (identity on one process)."""
 
 
 @dataclass
@@ -146,13 +145,9 @@ def combined_backward(
     space: Space,
     backward: Backward,
     params: Sequence[torch.nn.Parameter],
+    scores: Scores | None = None,
+    dp: GlobalBatch | None = None,
     *,
-    hidden: Tensor | None = None,
-    logp: Tensor | None = None,
-    entropy: Tensor | None = None,
-    gram_stats: Tensor | None = None,
-    all_reduce: AllReduce | None = None,
-    world_size: int = 1,
     monitor: bool = True,
     grad_scale: float = 1.0,
 ) -> Update:
@@ -167,12 +162,11 @@ def combined_backward(
         space: Gram space.
         backward: strategy-aware ``backward(loss, retain_graph)``.
         params: the trained parameters (``params`` space reads and writes their ``.grad``).
-        hidden: (B, T, d) last hidden state (``hidden`` space without ``gram_stats``: K VJPs).
-        logp: (B, T) scored-token logprobs (with ``gram_stats``).
-        entropy: (B, T) entropies (with ``gram_stats``).
-        gram_stats: (B, T, 3) from ``scoring.jacobian_stats`` for ``space``.
-        all_reduce: sum over ranks of the per-rank Gram (``hidden``/``logits`` only).
-        world_size: number of data-parallel ranks.
+        scores: the update's forward (``hidden``/``logits`` spaces): its (B, T) ``logp`` and ``entropy``
+            with ``gram_stats`` (B, T, 3) from ``scoring.jacobian_stats``, or the (B, T, d) ``hidden``
+            states (``hidden`` space: K VJPs).
+        dp: the data-parallel group: the losses and the per-rank Grams (``hidden``/``logits``) are
+            summed over it; None with one process.
         monitor: compute the Gram even if the combiner does not need it.
         grad_scale: the AMP loss scale already applied by ``backward`` (``params`` space): the Gram
             is unscaled by it before the combiner, so scale-dependent options (MGDA ``l2``) see the
@@ -183,11 +177,11 @@ def combined_backward(
 
     """
     loss_vec = torch.stack([loss.detach().double() for loss in losses])
-    if all_reduce is not None and world_size > 1:
+    if dp is not None:
         # The combiner must see the same losses on every rank (MGDA's loss normalisations read them):
         # losses are normalised over the global batch, so their mean over ranks is the global loss. A
         # non-finite loss on any rank makes it non-finite on all, so every rank takes the same branch.
-        loss_vec = all_reduce(loss_vec) / world_size
+        loss_vec = dp.sum(loss_vec) / dp.world_size
     loss_vec = loss_vec.cpu()
     weights = weights.detach().double().cpu()
     if not _finite(loss_vec):
@@ -197,14 +191,14 @@ def combined_backward(
 
     gram = None
     if combiner.needs_gram or monitor:
-        if gram_stats is not None and logp is not None and entropy is not None:
-            gram = stats_gram(losses, logp, entropy, gram_stats)
-        elif space == "hidden" and hidden is not None:
-            gram = hidden_gram(losses, hidden)
+        if scores is not None and scores.gram_stats is not None:
+            gram = stats_gram(losses, scores.logp, scores.entropy, scores.gram_stats)
+        elif space == "hidden" and scores is not None and scores.hidden is not None:
+            gram = hidden_gram(losses, scores.hidden)
         else:
             raise ValueError(f"the {space} Gram space needs (logp, entropy, gram_stats) or the hidden states")
-        if all_reduce is not None and world_size > 1:
-            gram = all_reduce(gram) / world_size**2
+        if dp is not None:
+            gram = dp.sum(gram) / dp.world_size**2
         gram = gram.cpu()
     if not _finite(gram):
         return Update(weights.clone(), gram, True, weights)
@@ -266,20 +260,6 @@ def _params_update(
     return Update(c, gram, not _finite(gram), weights)
 
 
-def is_deepspeed(strategy: object) -> bool:
-    """A Lightning DeepSpeed strategy (or a subclass)."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    return isinstance(strategy, DeepSpeedStrategy)
-
-
-def is_fsdp(strategy: object) -> bool:
-    """A Lightning FSDP strategy: FSDPStrategy, or ModelParallelStrategy (FSDP2; ``cappo_pl.strategies.FSDP``)."""
-    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-
-    return isinstance(strategy, FSDPStrategy | ModelParallelStrategy)
-
-
 def grad_norm(params) -> Tensor:
     """Global l2 norm of the parameters' gradients (0 without any); FSDP2's sharded DTensor gradients included."""
     params = list(params)
@@ -288,60 +268,6 @@ def grad_norm(params) -> Tensor:
         return torch.zeros((), device=params[0].device if params else None)
     norm = torch.nn.utils.get_total_norm(grads)
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-
-
-def deepspeed_gradient_clipping(strategy: object, clip: float | None) -> None:
-    """Put ``model.ppo.clip_grad_norm`` into the DeepSpeed config, where the engine applies it in ``step``.
-
-    Under DeepSpeed, Lightning's ``clip_gradients`` does nothing (the engine owns the gradients).
-
-    Raises:
-        ConfigError: the strategy's own config sets a different ``gradient_clipping``.
-
-    """
-    if not is_deepspeed(strategy):
-        return
-    config = strategy.config
-    want = float(clip or 0.0)
-    have = config.get("gradient_clipping")
-    if have not in (None, "auto") and float(have) != want:
-        raise ConfigError(
-            f"trainer.strategy: the DeepSpeed config sets gradient_clipping={have} but model.ppo.clip_grad_norm "
-            f"is {clip}; make them equal (or drop gradient_clipping from the DeepSpeed config)"
-        )
-    config["gradient_clipping"] = want
-
-
-def zero_stage(strategy: object) -> int:
-    """DeepSpeed ZeRO stage of a Lightning strategy (0 for anything that is not DeepSpeed)."""
-    if not is_deepspeed(strategy):
-        return 0
-    config = getattr(strategy, "config", None) or {}
-    return int(config.get("zero_optimization", {}).get("stage", 0))
-
-
-def offloads_optimizer(strategy: object) -> bool:
-    """DeepSpeed ZeRO-Offload: the optimizer states and step live on the CPU (or NVMe)."""
-    if not is_deepspeed(strategy):
-        return False
-    config = getattr(strategy, "config", None) or {}
-    device = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-    return device in ("cpu", "nvme")
-
-
-def check_space(space: Space, strategy: object) -> None:
-    """Refuse ``params`` where ``.grad`` is not the plain, complete gradient the optimizer steps on.
-
-    DeepSpeed (ZeRO-2/3 cannot even run several backward passes per step; at every stage the engine
-    keeps its own gradient buffers) and FSDP (sharded gradients: per-rank Grams would differ).
-    """
-    name = type(strategy).__name__
-    if space == "params" and (is_deepspeed(strategy) or is_fsdp(strategy)):
-        stage = f" ZeRO-{zero_stage(strategy)}" if is_deepspeed(strategy) else ""
-        raise ConfigError(
-            f"model.gradients.space: 'params' needs K separate backward passes and plain per-parameter "
-            f".grad, which {name}{stage} does not provide; use 'hidden' or 'logits'"
-        )
 
 
 # ------------------------------------------------------------------------------------- logging

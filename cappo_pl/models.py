@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from cappo_pl.errors import ConfigError
+from cappo_pl.seeds import derive_seed
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 
@@ -131,7 +132,7 @@ def build_tiny_model(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -
         tie_word_embeddings=True,
     )
     with torch.random.fork_rng():
-        torch.manual_seed(cfg.init_seed)
+        torch.manual_seed(derive_seed(cfg.init_seed, "model_init"))
         return LlamaForCausalLM(config)
 
 

@@ -23,13 +23,11 @@ class Objective:
         name: key used in metric names (``train/objective/<name>/loss``) and by callbacks.
         weight: the term's weight w_k in the update ``sum_k w_k grad L_k``.
         needs_ref: the reference model must be loaded and scored.
-        needs_old_entropy: per-token entropy of pi_old must be recomputed at step start.
         needs_topk: the sampler's top-K logprobs and the current ones of the same ids (DPPO Top-K).
 
     """
 
     needs_ref: bool = False
-    needs_old_entropy: bool = False
     needs_topk: bool = False
 
     def __init__(self, name: str, weight: float) -> None:
@@ -53,8 +51,7 @@ class PolicyObjective(Objective):
     def __init__(self, loss: PolicyLoss | None = None, weight: float = 1.0, name: str = "policy") -> None:
         super().__init__(name, weight)
         self.loss = loss if loss is not None else PPOClip()
-        self.needs_old_entropy = getattr(self.loss, "needs_old_entropy", False)
-        self.needs_topk = getattr(self.loss, "needs_topk", False)
+        self.needs_topk = self.loss.needs_topk
 
     def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
         return self.loss(batch)
@@ -115,8 +112,8 @@ class KLPenalty(Objective):
 class PositiveNLL(Objective):
     """NLL on the step's correct rollouts, ``L = agg_{i: correct}(-log pi(y_i,t))`` (Klear-Reasoner Eq. 13-14).
 
-    The extra term the CE-GPPO and ERC authors' scripts add (``positive_loss_coeff`` alpha = 0.1;
-    shared/reference/algorithms.md section 2.3). Samples that are not correct are out of the loss.
+    The extra term the CE-GPPO and ERC authors' scripts add (``positive_loss_coeff`` alpha = 0.1; Klear-Reasoner,
+    arXiv:2508.07629, Kwai-Klear/CE-GPPO and Kwai-Klear/ERC). Samples that are not correct are out of the loss.
 
     Args:
         weight: alpha (0.1 in the release scripts).
@@ -135,3 +132,20 @@ class PositiveNLL(Objective):
         mask = batch.mask * batch.correct[:, None].to(batch.mask.dtype)
         loss = agg_loss(-batch.logp, mask, self.agg, batch.loss_scale_factor, batch.dp)
         return loss, {"positive_frac": batch.correct.float().mean()}
+
+
+def objective_losses(objectives: list[Objective], batch: TokenBatch) -> tuple[list[Tensor], dict[str, Tensor]]:
+    """Each objective's raw loss (in config order) and the step's namespaced metrics.
+
+    Keys: ``objective/<name>/loss``; the policy objective's own metrics under ``policy/``, the others'
+    under ``objective/<name>/``.
+    """
+    losses: list[Tensor] = []
+    metrics: dict[str, Tensor] = {}
+    for obj in objectives:
+        loss, m = obj(batch)
+        losses.append(loss)
+        metrics[f"objective/{obj.name}/loss"] = loss.detach()
+        prefix = "policy/" if isinstance(obj, PolicyObjective) else f"objective/{obj.name}/"
+        metrics.update({prefix + k: v for k, v in m.items()})
+    return losses, metrics

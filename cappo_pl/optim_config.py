@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
+from cappo_pl.strategies import offloads_optimizer
+
 
 @dataclass
 class PPOConfig:
@@ -38,3 +42,27 @@ class OptimConfig:
     """Adam beta2."""
     warmup_steps: int = 0
     """Optimizer steps of linear warm-up."""
+
+
+def build_optimizer(
+    optim: OptimConfig,
+    policy_params: list[torch.nn.Parameter],
+    critic: tuple[list[torch.nn.Parameter], float | None] | None,
+    strategy: object,
+) -> dict:
+    """AdamW over the policy (and the critic as its own group, at its own lr) with linear warm-up.
+
+    Under ZeRO-Offload DeepSpeed refuses a torch optimizer, so its ``DeepSpeedCPUAdam`` (AdamW mode,
+    the same settings) takes its place. Returns Lightning's ``configure_optimizers`` dict.
+    """
+    groups = [{"params": policy_params}]
+    if critic is not None:
+        params, lr = critic
+        groups.append({"params": params, "lr": lr if lr is not None else optim.lr})
+    adamw = torch.optim.AdamW
+    if offloads_optimizer(strategy):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam as adamw  # noqa: N813 (AdamW semantics: adamw_mode)
+    opt = adamw(groups, lr=optim.lr, weight_decay=optim.weight_decay, betas=(optim.beta1, optim.beta2))
+    warm = max(1, optim.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

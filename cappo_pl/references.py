@@ -8,20 +8,18 @@ head, temperature-scaled logits as in training): no generation.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from cappo_pl.data.records import Record
-from cappo_pl.rollout import RolloutConfig, sample
 from cappo_pl.scoring import score_completions
 
 
 @dataclass
 class SRRConfig:
-    """Support Retention Ratio in validation (CaPPO; README "SRR")."""
+    """Support Retention Ratio in validation (CaPPO; docs/cappo.md)."""
 
     enabled: bool = True
     """Compute ``val/srr*`` in every validation."""
@@ -30,7 +28,7 @@ class SRRConfig:
     The first is the headline ``val/srr``; each one is logged as ``val/srr@<tau>``. 0.1 (mean token
     logprob >= -2.3, perplexity <= 10) separates kept from dropped completions both for the built-in
     task's 100-token vocabulary (uniform is 0.01) and for LLM-sized ones; 1e-2 and 1e-3 are the looser
-    tests the CaPPO reconstruction suggests (algorithms.md section 5)."""
+    tests the CaPPO reconstruction suggests (docs/reference/algorithms.md section 5)."""
     relative_threshold: float = 0.1
     """tau_rel of ``val/srr_rel``: mean per-token log-ratio to the initial (SFT) policy >= log(tau_rel)."""
     sampled_per_prompt: int = 8
@@ -110,38 +108,6 @@ def reference_logprobs(
         )
         scores = score_completions(model, ids, attn, t, temperature, chunk_tokens)
         out.append((scores.logp, attn[:, -t:]))
-    return out
-
-
-@torch.no_grad()
-def sample_references(
-    model: nn.Module,
-    tokenizer,
-    prompts: list[str],
-    m: int,
-    cfg: RolloutConfig,
-    seed: int,
-    device,
-    all_ranks_done: Callable[[bool], bool] | None = None,
-) -> list[list[str]]:
-    """``m`` completions per prompt from ``model`` (distinct, EOS-terminated ones only), seeded.
-
-    A truncated sample is not a completion the policy produced, so it is dropped; duplicates are
-    kept once (SRR counts distinct completions). ``all_ranks_done``: as in ``rollout.sample``.
-    """
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    enc = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
-    sample_cfg = RolloutConfig(group_size=m, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
-    ro = sample(
-        model, enc["input_ids"].to(device), enc["attention_mask"].to(device), sample_cfg,
-        tokenizer.eos_token_id, tokenizer.pad_token_id, gen, all_ranks_done,
-    )  # fmt: skip
-    texts = tokenizer.batch_decode(ro.completion_ids, skip_special_tokens=True)
-    out: list[list[str]] = []
-    for i in range(len(prompts)):
-        picks = [texts[i * m + j] for j in range(m) if not bool(ro.truncated[i * m + j])]
-        out.append(list(dict.fromkeys(t for t in picks if t)))
     return out
 
 

@@ -37,7 +37,7 @@ class RolloutConfig:
     the step's global batch, sample index), by inversion of the CDF. Samples then do not depend on
     how prompts are split over ranks or batched: a W-rank run draws what one process with W x
     ``data.prompts_per_step`` draws (up to float noise of batched forwards). Off (default): one
-    stream per rank and step (``torch.multinomial``), as the README's runs used."""
+    stream per rank and step (``torch.multinomial``), as the runs in docs/ used."""
 
     def for_validation(self, samples: int) -> RolloutConfig:
         """Validation's sampling: ``samples`` completions per prompt, otherwise these settings (top-k off)."""
@@ -146,16 +146,6 @@ def inverse_cdf_sample(probs: Tensor, u: Tensor) -> Tensor:
     cdf = probs.cumsum(-1)
     target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
-
-
-def prompt_row_keys(seed: int, step: int, k: int, offset: int, prompts: int, group_size: int) -> list[int]:
-    """Seeds of the rows of generation batch ``k`` of ``step``, for prompts ``offset ..`` of the global batch.
-
-    Row (p, g) -- sample g of the prompt at place ``offset + p`` -- gets a key that does not depend on
-    the rank holding it (``RolloutConfig.seed_per_prompt``).
-    """
-    base = ((seed * 1_000_003 + step) * 1_009 + k) * 1_000_003 + offset
-    return [(base + p) * 1_031 + g for p in range(prompts) for g in range(group_size)]
 
 
 def row_uniforms(keys: list[int], length: int, device: torch.device | str = "cpu") -> Tensor:

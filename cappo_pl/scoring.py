@@ -4,7 +4,7 @@ The LM head is applied to the final hidden states a chunk of tokens at a time, s
 logits tensor never exists at once. With gradients on, each chunk is recomputed in the backward
 pass (activation checkpointing of the head), so memory stays O(chunk x V) there too.
 Entropy: ``H_t = logsumexp(z_t) - sum_v softmax(z_t)_v z_tv`` with ``z = logits / temperature``
-(verl ``entropy_from_logits``; shared/reference/algorithms.md section 1.8).
+(verl ``entropy_from_logits``; docs/reference/algorithms.md section 1.8).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from cappo_pl.strategies import is_fsdp2_unit
 
 
 def logprobs_and_entropy(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
@@ -53,6 +55,10 @@ class Scores:
     """(B, T, 3) detached per-token Gram statistics of the requested space (``jacobian_stats``)."""
     topk_logp: Tensor | None = None
     """(B, T, K) detached fp32 logprobs of the requested token ids (DPPO Top-K)."""
+
+    def detached(self) -> Scores:
+        """The logprobs and entropies without their graph (pi_old when the update's forward is reused)."""
+        return Scores(self.logp.detach(), self.entropy.detach())
 
 
 def jacobian_stats(
@@ -174,13 +180,6 @@ def score_completions(
         as_tuple = lambda ids, mask: tuple(vars(_score(model, ids, mask, *args)).values())  # noqa: E731
         return Scores(*call_as_forward(model, as_tuple, input_ids, attention_mask))
     return _score(model, input_ids, attention_mask, *args)
-
-
-def is_fsdp2_unit(model: nn.Module) -> bool:
-    """``model`` is an FSDP2 unit (``fully_shard`` applied to it)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
 
 
 def _score(

@@ -21,6 +21,7 @@ from cappo_pl.data.records import Record, reward_fields
 from cappo_pl.models import SFTConfig, TinyModelConfig, build_char_tokenizer, build_tiny_model
 from cappo_pl.rewards.base import RewardFn, call_reward
 from cappo_pl.rollout import RolloutConfig, sample
+from cappo_pl.seeds import derive_seed, generator
 
 
 def sft_cache_key(tiny: TinyModelConfig, sft: SFTConfig, records: list[Record]) -> str:
@@ -82,7 +83,7 @@ def train_sft(tiny: TinyModelConfig, sft: SFTConfig, train: list[Record], log=pr
     examples = _examples(train, tokenizer)
     if not examples:
         raise ValueError("SFT warm start needs reference completions in the training data (field 'references')")
-    gen = torch.Generator().manual_seed(sft.seed)
+    gen = generator(sft.seed, "sft_batches")
     opt = torch.optim.AdamW(model.parameters(), lr=sft.lr, weight_decay=0.0, betas=(0.9, 0.98))
 
     def lr_at(step: int) -> float:
@@ -122,11 +123,12 @@ def ensure_sft_checkpoint(
         )
         return folder
     log(f"[sft] training the built-in model on {sum(len(r.references) for r in train)} references -> {folder}")
-    torch.manual_seed(sft.seed)
+    torch.manual_seed(derive_seed(sft.seed, "sft_init"))
     model, tokenizer = train_sft(tiny, sft, train, log)
+    n, seed = sft.eval_samples, sft.seed
     metrics = {
-        "train_accuracy": sampled_accuracy(model, tokenizer, train, reward, sft.eval_samples, seed=sft.seed),
-        "val_accuracy": sampled_accuracy(model, tokenizer, val, reward, sft.eval_samples, seed=sft.seed + 1),
+        "train_accuracy": sampled_accuracy(model, tokenizer, train, reward, n, seed=derive_seed(seed, "sft_eval", 0)),
+        "val_accuracy": sampled_accuracy(model, tokenizer, val, reward, n, seed=derive_seed(seed, "sft_eval", 1)),
         "samples_per_prompt": sft.eval_samples,
     }
     tmp = folder.with_name(folder.name + f".tmp{time.time_ns()}")

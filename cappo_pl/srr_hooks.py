@@ -12,7 +12,7 @@ from torch import Tensor
 
 from cappo_pl.data.records import PromptBatch, Record
 from cappo_pl.metrics import SupportRetentionRatio, mean_token_logprob
-from cappo_pl.references import build_reference_set, flatten, reference_logprobs, sample_references
+from cappo_pl.references import build_reference_set, flatten, reference_logprobs
 
 
 class SRRHooks:
@@ -41,10 +41,8 @@ class SRRHooks:
         was_training = self.policy.training
         self.policy.eval()
         cfg = self.srr_cfg
-        sampler = lambda prompts: sample_references(  # noqa: E731
-            self.policy, self.tokenizer, prompts, cfg.sampled_per_prompt, self.rollout_cfg, self.seed + 7, self.device,
-            self._all_ranks_done(),
-        )
+        worker = self.worker()
+        sampler = lambda prompts: worker.references(prompts, cfg.sampled_per_prompt, self.rollout_cfg)  # noqa: E731
         refs = build_reference_set(records, cfg, sampler)
         prompts, comps, ids = flatten(refs, records, range(len(records)))
         scores = torch.cat([mean_token_logprob(lp, m) for lp, m in self._teacher_force(prompts, comps)]).cpu()

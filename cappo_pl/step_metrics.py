@@ -1,4 +1,4 @@
-"""The ``train/*`` metrics of one RL step (keys documented in the README's metrics table)."""
+"""The ``train/*`` metrics of one RL step (keys documented in docs/metrics.md)."""
 
 from __future__ import annotations
 

@@ -55,14 +55,16 @@ class Probe(pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.policy.parameters(), lr=0.1)
 
+    def _dp(self, n):
+        return GlobalBatch(n, lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if n > 1 else None
+
     def losses(self, b, space):
         ids = b["ids"]
         s = score_completions(
             self.policy, ids, torch.ones_like(ids), 5, 1.0, gram_space=space if space != "params" else None
         )
         m = (torch.arange(5)[None] < b["len"][:, None]).float()
-        n = self.trainer.world_size  # token means over the global batch, as the module's losses
-        dp = GlobalBatch(n, lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if n > 1 else None
+        dp = self._dp(self.trainer.world_size)  # token means over the global batch, as the module's losses
         log_ratio = b["ref"] - s.logp
         kl = agg_loss(log_ratio.exp() - 1 - log_ratio, m, "token-mean", dp=dp)
         policy = agg_loss(-b["adv"] * s.logp, m, "token-mean", dp=dp)
@@ -81,8 +83,7 @@ class Probe(pl.LightningModule):
                 update = combined_backward(
                     losses, torch.tensor([1.0, 0.01, 0.05]), combiner(), space,
                     lambda loss, retain: self.manual_backward(loss, retain_graph=retain),
-                    list(self.policy.parameters()), logp=s.logp, entropy=s.entropy, gram_stats=s.gram_stats,
-                    world_size=n, all_reduce=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"),
+                    list(self.policy.parameters()), s, self._dp(n),
                 )  # fmt: skip
                 grad = torch.cat([p.grad.reshape(-1) for p in self.policy.parameters() if p.grad is not None])
                 entry = {"c": update.coefficients.tolist(), "gram": update.gram.tolist(), "grad": grad.tolist()}
@@ -96,8 +97,7 @@ class Probe(pl.LightningModule):
         update = combined_backward(
             losses, torch.tensor([1.0, 0.01, 0.05]), MGDA(), "hidden",
             lambda loss, retain: self.manual_backward(loss, retain_graph=retain), list(self.policy.parameters()),
-            logp=s.logp, entropy=s.entropy, gram_stats=s.gram_stats, world_size=n,
-            all_reduce=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"),
+            s, self._dp(n),
         )  # fmt: skip
         record["nan_skipped"] = update.skipped
         opt.zero_grad(set_to_none=True)
@@ -105,8 +105,7 @@ class Probe(pl.LightningModule):
         combined_backward(
             losses, torch.tensor([1.0, 0.01, 0.05]), MGDA(), "hidden",
             lambda loss, retain: self.manual_backward(loss, retain_graph=retain), list(self.policy.parameters()),
-            logp=s.logp, entropy=s.entropy, gram_stats=s.gram_stats, world_size=n,
-            all_reduce=lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"),
+            s, self._dp(n),
         )  # fmt: skip
         opt.step()  # with the hidden-space update: the parameters must stay identical across ranks
         record["params"]["after_step"] = torch.cat([p.detach().reshape(-1) for p in self.policy.parameters()]).tolist()

@@ -85,7 +85,7 @@ def _updates(rows):
 
 def test_cappo_update_does_not_stall_with_the_controller_active(tmp_path, small_sft):
     # target above the initial entropy: the entropy constraint is active (small weight, ~0.01) after step 0,
-    # the DESIGN.md pitfall case where plain MGDA's direction shrinks to the small weighted entropy gradient
+    # the MGDA-stall case (docs/cappo.md) where plain MGDA's direction shrinks to the small weighted entropy gradient
     _, rows = _fit(tmp_path, small_sft, _config(tmp_path, target_ratio=1.2), "cappo", steps=8)
     updates = _updates(rows)
     assert len(updates) >= 4 and any(w > 0 for _, _, w in updates)

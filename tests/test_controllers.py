@@ -14,7 +14,7 @@ from cappo_pl.objectives import EntropyBonus, KLPenalty, PolicyObjective
 
 
 def test_pi_step_with_kp_zero_is_the_reference_update():
-    # algorithms.md section 5: log lambda <- log lambda + eta (H* - H), clamped
+    # docs/reference/algorithms.md section 5: log lambda <- log lambda + eta (H* - H), clamped
     state = PIState(math.log(0.01), 0.0)
     for err in (0.3, -0.1, 0.2):
         new = pi_log_step(state, err, math.log(0.01), 0.0, 0.05, math.log(1e-4), math.log(0.1))

@@ -7,10 +7,11 @@ import torch
 
 from cappo_pl.combiners import MGDA, PCGrad, Scalarized, UPGrad
 from cappo_pl.errors import ConfigError
-from cappo_pl.gradients import Update, check_space, combined_backward, gram_metrics, zero_stage
+from cappo_pl.gradients import Update, combined_backward, gram_metrics
 from cappo_pl.losses.aggregation import agg_loss
 from cappo_pl.models import TinyModelConfig, build_char_tokenizer, build_tiny_model
 from cappo_pl.scoring import logprobs_and_entropy, position_ids_from_mask, score_completions
+from cappo_pl.strategies import check_gram_space, zero_stage
 
 T = 0.8  # a non-unit temperature exercises the 1/T factors
 
@@ -100,7 +101,7 @@ def test_hidden_space_gram_matches_unchunked_autograd(setup):
 
     s, losses = scored(model, b, return_hidden=True)
     update = combined_backward(
-        losses, torch.ones(3), MGDA(), "hidden", plain_backward, params_of(model), hidden=s.hidden
+        losses, torch.ones(3), MGDA(), "hidden", plain_backward, params_of(model), scores=s
     )
     torch.testing.assert_close(update.gram, ref, rtol=1e-5, atol=1e-12)
     model.zero_grad(set_to_none=True)
@@ -118,7 +119,7 @@ def test_logits_space_gram_from_scalars_matches_the_materialised_logit_gradients
     s, losses = scored(model, b, gram_space="logits")
     update = combined_backward(
         losses, torch.ones(3), MGDA(), "logits", plain_backward, params_of(model),
-        logp=s.logp, entropy=s.entropy, gram_stats=s.gram_stats,
+        scores=s,
     )  # fmt: skip
     torch.testing.assert_close(update.gram, ref, rtol=1e-4, atol=1e-12)
     model.zero_grad(set_to_none=True)
@@ -134,7 +135,7 @@ def test_one_scalarized_objective_is_a_plain_step(setup, space):
     s, losses = scored(model, b, gram_space=space if space != "params" else None)
     update = combined_backward(
         losses[:1], torch.tensor([0.3]), Scalarized(), space, plain_backward, params_of(model),
-        logp=s.logp, entropy=s.entropy, gram_stats=s.gram_stats,
+        scores=s,
     )  # fmt: skip
     assert not update.skipped and update.coefficients.tolist() == pytest.approx([0.3])
     # params space scales g after the backward (0.3 * grad L vs grad 0.3 L): float32 rounding only
@@ -147,7 +148,7 @@ def test_non_finite_loss_or_gram_skips_the_step(setup, space):
     model, b = setup
     s, losses = scored(model, b, return_hidden=True)
     losses[1] = losses[1] * float("nan")
-    update = combined_backward(losses, torch.ones(3), MGDA(), space, plain_backward, params_of(model), hidden=s.hidden)
+    update = combined_backward(losses, torch.ones(3), MGDA(), space, plain_backward, params_of(model), scores=s)
     assert update.skipped and all(p.grad is None for p in params_of(model))
 
 
@@ -159,12 +160,12 @@ def test_params_space_is_refused_under_deepspeed_and_fsdp():
         strategy.config = {"zero_optimization": {"stage": stage}}
         assert zero_stage(strategy) == stage
         for space in ("hidden", "logits"):
-            check_space(space, strategy)
+            check_gram_space(space, strategy)
         with pytest.raises(ConfigError, match=f"model.gradients.space.*ZeRO-{stage}"):
-            check_space("params", strategy)
+            check_gram_space("params", strategy)
     with pytest.raises(ConfigError, match="model.gradients.space.*FSDP"):
-        check_space("params", object.__new__(FSDPStrategy))
-    check_space("params", object.__new__(DDPStrategy))
+        check_gram_space("params", object.__new__(FSDPStrategy))
+    check_gram_space("params", object.__new__(DDPStrategy))
     assert zero_stage(object()) == 0
 
 
@@ -175,7 +176,7 @@ def test_an_objective_outside_logp_and_entropy_is_refused_in_representation_spac
     with pytest.raises(ValueError, match="space=params"):
         combined_backward(
             losses, torch.ones(4), MGDA(), "logits", plain_backward, params_of(model),
-            logp=s.logp, entropy=s.entropy, gram_stats=s.gram_stats,
+            scores=s,
         )  # fmt: skip
     model.zero_grad(set_to_none=True)
 

@@ -1,9 +1,9 @@
 """Entropy controllers: steer the entropy objective's weight so per-token entropy tracks a target.
 
-``EntropyController`` is CaPPO's adaptive controller (shared/reference/algorithms.md section 5,
+``EntropyController`` is CaPPO's adaptive controller (docs/reference/algorithms.md section 5,
 a reconstruction): proportional-integral in log space (SAC-style temperature tuning), with a
 clamped coefficient range, anti-windup and an optional warm-up. ``StepEntropyController`` is the
-Skywork-OR1 rule that TRL adopted (algorithms.md section 1.11). Both work with every combiner: they
+Skywork-OR1 rule that TRL adopted (docs/reference/algorithms.md section 1.11). Both work with every combiner: they
 only set ``objectives[<name>].weight``.
 
 The measured entropy is ``train/policy/entropy``: the token-mean entropy (temperature-scaled) of
@@ -111,7 +111,7 @@ class EntropyController(_EntropyTarget):
     differ by orders of magnitude). ``log coef = log coef0 + kp e + I``, ``I += ki e`` (see
     :func:`pi_log_step`), clamped to ``[coef_min, coef_max]``.
 
-    ``gate`` (Skywork-OR1's gate, and the design answer to MGDA's stall/runaway, README "CaPPO"):
+    ``gate`` (Skywork-OR1's gate, and the design answer to MGDA's stall/runaway, docs/cappo.md):
     the applied weight is 0 while ``H >= H*``. Entropy is then a one-sided constraint that joins
     the update only when violated. A non-conflicting combiner (MGDA, UPGrad, ...) that always
     includes the entropy objective never lets entropy decrease to first order, so with it

@@ -1,6 +1,6 @@
 """Adaptive KL coefficient (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences").
 
-shared/reference/algorithms.md section 1.11 (verl ``AdaptiveKLController``):
+docs/reference/algorithms.md section 1.11 (verl ``AdaptiveKLController``):
 
     e = clip(KL / KL_target - 1, -0.2, 0.2);    beta <- beta * (1 + e * n_steps / horizon)
 
@@ -32,7 +32,7 @@ class AdaptiveKLController(WeightController):
         horizon: samples over which a 20% error changes beta by 20% (verl 10000).
         gate: apply weight 0 while the KL is at or below the target: the KL term is then a budget
             (a one-sided constraint) that joins the update only when exceeded, the counterpart of
-            ``EntropyController(gate=True)`` for non-conflicting combiners (README "CaPPO").
+            ``EntropyController(gate=True)`` for non-conflicting combiners (docs/cappo.md).
 
     """
 

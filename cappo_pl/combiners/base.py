@@ -3,7 +3,7 @@
 ``combiner(gram, weights) -> c`` such that the update direction (subtracted by the optimizer, like a
 gradient) is ``sum_k c_k g_k`` over the raw per-objective gradients ``g_k = grad L_k``, with
 ``gram[i, j] = g_i . g_j``. Working from the Gram alone is what makes every combiner exact under
-data parallelism with one K x K all-reduce (DESIGN.md, "Contracts").
+data parallelism with one K x K all-reduce (docs/combiners.md).
 
 Conventions shared by every combiner here:
 

@@ -1,7 +1,7 @@
 """MGDA: the min-norm point of the convex hull of the (weighted) gradients.
 
 Désidéri 2012; Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018.
-Preference-scaled as in CaPPO (DESIGN.md): with ``W = diag(weights)``
+Preference-scaled as in CaPPO: with ``W = diag(weights)``
 
     alpha* = argmin_{alpha in simplex} alpha^T (W G W) alpha,    c = weights * alpha*.
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from cappo_pl.combiners.base import Combiner, weighted_gram
+from cappo_pl.seeds import generator
 
 
 def pcgrad_coefficients(gram: Tensor, orders: list[list[int]]) -> Tensor:
@@ -62,7 +63,7 @@ class PCGrad(Combiner):
     def __init__(self, seed: int = 0, reduction: Literal["sum", "mean"] = "sum") -> None:
         self.seed = seed
         self.reduction = reduction
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = generator(seed, "pcgrad_order")
 
     def orders(self, k: int) -> list[list[int]]:
         """Draw one visiting order per objective (advances the generator)."""

@@ -12,6 +12,7 @@ from cappo_pl.data.readers import check_prompt_lengths
 from cappo_pl.data.records import PromptBatch, Record
 from cappo_pl.data.tasks import SumTask, Task
 from cappo_pl.errors import ConfigError
+from cappo_pl.seeds import derive_seed
 
 
 class PromptStream:
@@ -54,7 +55,7 @@ class PromptStream:
         size = self.batch_size * self.world_size
         pass_id, slot = divmod(index, len(self.records) // size)
         order = list(range(len(self.records)))
-        random.Random(self.seed * 1_000_003 + pass_id).shuffle(order)
+        random.Random(derive_seed(self.seed, "prompt_order", pass_id)).shuffle(order)
         return self._slice(order[slot * size : (slot + 1) * size], index)
 
     def extra_batch(self, index: int, k: int) -> PromptBatch:
@@ -63,7 +64,7 @@ class PromptStream:
         A pure function of ``(seed, index, k)``: uniform prompts without replacement, drawn apart from
         the main order (which it does not advance), so a resumed run draws the same extras.
         """
-        rng = random.Random((self.seed * 1_000_003 + index) * 1009 + k)
+        rng = random.Random(derive_seed(self.seed, "extra_prompts", index, k))
         return self._slice(rng.sample(range(len(self.records)), self.batch_size * self.world_size), index)
 
     def __len__(self) -> int:

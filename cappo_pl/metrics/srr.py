@@ -1,6 +1,7 @@
 """Support Retention Ratio (SRR): how much of the SFT policy's support the RL policy keeps.
 
-CaPPO (shared/reference/papers/000, reconstruction in shared/reference/algorithms.md section 5):
+CaPPO ("Escaping Policy Contraction: Contraction-Aware PPO", OpenReview vDlkJewkDu; reconstructed in
+docs/reference/algorithms.md section 5):
 for prompts x with SFT reference completions y^j,
 
     SRR(tau) = 1/(|X| m) sum_x sum_j 1[ (1/|y^j|) sum_t log pi_RL(y^j_t | x, y^j_<t) >= log tau ]
@@ -8,7 +9,7 @@ for prompts x with SFT reference completions y^j,
 the fraction of references whose mean token log-likelihood under the RL policy is at least
 ``log(tau)``: decoding-independent and comparable across prompts. The relative variant tests the
 mean per-token log-ratio to the SFT policy instead, ``(1/|y|) sum_t (log pi_RL - log pi_SFT) >=
-log(tau_rel)`` (algorithms.md section 5, alternative (a)): "the RL policy gives this reference at
+log(tau_rel)`` (docs/reference/algorithms.md section 5, alternative (a)): "the RL policy gives this reference at
 least tau_rel of the per-token probability the SFT policy gave it".
 """
 
