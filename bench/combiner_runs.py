@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--space", choices=("params", "hidden", "logits"), help="override model.gradients.space")
     args = p.parse_args()
     configs = sorted(glob.glob(os.path.join(ROOT, "configs", "combiners", "*.yaml")))
+    configs = [c for c in configs if os.path.basename(c) != "peers.yaml"]  # the shared layer, not a combiner
     configs = [c for c in configs if not args.only or os.path.basename(c)[:-5] in args.only]
     header = (
         f"{'combiner':>10} {'reward':>13} {'entropy':>13} {'KL (k3)':>13} {'val acc':>7} {'conflict':>8} "

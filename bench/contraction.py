@@ -30,6 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import yaml
 
+from cappo_pl.cli import merged_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # method -> (config, dotted overrides). All share the policy surrogate (PPO-clip, GRPO advantages), the
@@ -111,7 +113,7 @@ def _set(cfg: dict, dotted: str, value: object) -> None:
 def run_config(method: str, seed: int, steps: int, out: str, tiny: bool, sft_cache: str | None) -> str:
     """Write the run's config (logger under ``out``, no checkpoints or sample tables) and return its path."""
     path, overrides = METHODS[method]
-    cfg = yaml.safe_load(open(os.path.join(ROOT, path)))
+    cfg = merged_config(os.path.join(ROOT, path))  # the base: layers folded in: a standalone file
     cfg["trainer"]["callbacks"] = [
         cb
         for cb in cfg["trainer"].get("callbacks", [])

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import sys
 
-from cappo_pl.errors import CappoError
+from cappo_pl.errors import CappoError, ConfigError
+
+# Flags that name a config file (LightningCLI's ActionConfigFile).
+_CONFIG_FLAGS = ("--config", "-c")
 
 
 def _offline_env() -> None:
@@ -17,8 +20,132 @@ def _offline_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _bases(path: str) -> list[str]:
+    """The parents a config file names in its top-level ``base:`` key, as paths (relative to its folder)."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return []  # jsonargparse reports an unreadable or malformed file itself
+    base = cfg.get("base") if isinstance(cfg, dict) else None
+    if base is None:
+        return []
+    names = [base] if isinstance(base, str) else base
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"{path}: base: must be a file name or a list of file names, got {base!r}")
+    out = []
+    for name in names:
+        parent = os.path.normpath(os.path.join(os.path.dirname(path), name))
+        if not os.path.isfile(parent):
+            raise ConfigError(f"{path}: base: {name} not found (looked for {parent})")
+        out.append(parent)
+    return out
+
+
+def config_layers(path: str, _seen: tuple[str, ...] = ()) -> list[str]:
+    """``path`` and the configs it builds on through ``base:``, oldest first (each parent before its child).
+
+    ``configs/combiners/mgda.yaml`` gives ``[configs/base.yaml, configs/combiners/peers.yaml,
+    configs/combiners/mgda.yaml]``; a file reached twice (two parents sharing a grandparent) is kept once,
+    at its first place. A cycle is a ConfigError naming the files.
+    """
+    seen = (*_seen, os.path.realpath(path))
+    layers: list[str] = []
+    for parent in _bases(path):
+        if os.path.realpath(parent) in seen:
+            chain = seen[seen.index(os.path.realpath(parent)) :] + (parent,)
+            cycle = " -> ".join(os.path.basename(p) for p in chain)
+            raise ConfigError(f"{path}: base: {os.path.basename(parent)} makes a cycle ({cycle})")
+        for layer in config_layers(parent, seen):
+            if all(os.path.realpath(layer) != os.path.realpath(done) for done in layers):
+                layers.append(layer)
+    return [*layers, path]
+
+
+def _merged(low, high):
+    """``high`` over ``low``: dicts key by key; anything else (a list, a class_path that changes) replaced."""
+    if not (isinstance(low, dict) and isinstance(high, dict)):
+        return high
+    if "class_path" in low and "class_path" in high and low["class_path"] != high["class_path"]:
+        return high
+    return {**low, **{k: _merged(low[k], v) if k in low else v for k, v in high.items()}}
+
+
+def merged_config(path: str) -> dict:
+    """A config file with its ``base:`` layers merged into one plain dict (no ``base``): a standalone config.
+
+    For scripts that read or rewrite a config. Lists are replaced whole; jsonargparse merges a restated list
+    item by item instead (an item keeps init_args of the one below it), so configs/ restate such init_args
+    and tests/test_configs.py checks that this dict parses to the same run as the layered file.
+    """
+    import yaml
+
+    cfg: dict = {}
+    for layer in config_layers(path):
+        with open(layer) as f:
+            cfg = _merged(cfg, yaml.safe_load(f) or {})
+    cfg.pop("base", None)
+    return cfg
+
+
+def _ends_with_configs(out: list[str], paths: list[str]) -> bool:
+    """Whether ``out`` ends with ``--config P`` for each of ``paths``, in order."""
+    tail = out[len(out) - 2 * len(paths) :] if len(out) >= 2 * len(paths) else []
+    return len(tail) == 2 * len(paths) and all(
+        flag in _CONFIG_FLAGS and os.path.realpath(value) == os.path.realpath(path)
+        for flag, value, path in zip(tail[::2], tail[1::2], paths, strict=True)
+    )
+
+
+def expand_config_args(args: list[str]) -> list[str]:
+    """Put the ``base:`` parents of every ``--config FILE`` in front of it, as earlier ``--config`` flags.
+
+    jsonargparse merges successive ``--config`` files key by key (a restated list item by item), so a method file
+    holds only what differs from ``configs/base.yaml``. A ``--base=null`` follows the last expanded file,
+    so the parsed (and saved) config has no ``base`` and a run's saved ``config.yaml`` runs as it is.
+    Idempotent: parents already in place (a relaunched DDP rank's argv) are not added again.
+    """
+    out: list[str] = []
+    reset_at = None
+    i = 0
+    while i < len(args):
+        flag, eq, value = args[i].partition("=")
+        if flag not in _CONFIG_FLAGS or not (eq or i + 1 < len(args)):
+            out.append(args[i])
+            i += 1
+            continue
+        if not eq:
+            i += 1
+            value = args[i]
+        i += 1
+        if not os.path.isfile(value):  # an inline YAML string, or a missing file jsonargparse reports
+            out += [flag, value]
+            continue
+        parents = config_layers(value)[:-1]
+        if not _ends_with_configs(out, parents):
+            for parent in parents:
+                out += ["--config", parent]
+        out += ["--config", value]
+        if parents:
+            reset_at = len(out)
+    if reset_at is not None and out[reset_at : reset_at + 1] != ["--base=null"]:
+        out.insert(reset_at, "--base=null")
+    return out
+
+
 def build_cli(args: list[str] | None = None, run: bool = True):
-    """Construct the CappoCLI (importing Lightning lazily so ``--help`` errors stay fast)."""
+    """Construct the CappoCLI (importing Lightning lazily so ``--help`` errors stay fast).
+
+    ``--config`` files are expanded into their ``base:`` layers first (``expand_config_args``); with
+    ``args=None`` that is done on ``sys.argv`` in place, so LightningCLI still reads it (and DDP ranks
+    relaunched from it get the same arguments).
+    """
+    if args is None:
+        sys.argv[1:] = expand_config_args(sys.argv[1:])
+    else:
+        args = expand_config_args(list(args))
     from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
     from lightning.pytorch.cli import LightningCLI
 
@@ -45,6 +172,13 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                     "trainer.log_every_n_steps": 1,
                     "trainer.num_sanity_val_steps": 0,
                 }
+            )
+            # A config's parent layer(s), read before parsing (expand_config_args); reset to null after.
+            parser.add_argument(
+                "--base",
+                type=str | list[str] | None,
+                default=None,
+                help="Parent config file(s) of a --config file, relative to it (layers: configs/base.yaml).",
             )
 
     return CappoCLI(

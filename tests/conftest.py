@@ -65,17 +65,30 @@ def tiny_fit_args(config, sft_cache, root, steps=3, extra=()):
     ]
 
 
-def grpo_checkpointing_every(root, steps=2):
-    """configs/grpo.yaml with ModelCheckpoint every ``steps`` optimizer steps (all kept), written under ``root``."""
+def layered_config(config):
+    """configs/``config`` with its ``base:`` layers merged (``cappo_pl.cli.merged_config``): a standalone dict."""
+    from cappo_pl.cli import merged_config
+
+    return merged_config(os.path.join(ROOT, "configs", config))
+
+
+def checkpointing_every(root, steps=2, config="grpo.yaml", name=None):
+    """An overlay of configs/``config``: ModelCheckpoint every ``steps`` optimizer steps (all kept), under ``root``."""
     import yaml
 
-    cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", "grpo.yaml")))
-    for cb in cfg["trainer"]["callbacks"]:
+    callbacks = layered_config(config)["trainer"]["callbacks"]
+    for cb in callbacks:
         if cb["class_path"].endswith("ModelCheckpoint"):
-            cb["init_args"] = {"every_n_train_steps": steps, "save_top_k": -1, "save_last": True}
-    path = Path(root) / f"grpo_ckpt{steps}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+            cb["init_args"] = {"every_n_train_steps": steps, "save_top_k": -1, "save_last": True, "dirpath": None}
+    overlay = {"base": os.path.join(ROOT, "configs", config), "trainer": {"callbacks": callbacks}}
+    path = Path(root) / (name or f"{Path(config).stem}_ckpt{steps}.yaml")
+    path.write_text(yaml.safe_dump(overlay))
     return path
+
+
+def grpo_checkpointing_every(root, steps=2):
+    """configs/grpo.yaml with ModelCheckpoint every ``steps`` optimizer steps (all kept), written under ``root``."""
+    return checkpointing_every(root, steps)
 
 
 def assert_resumed_exactly(full, resumed):

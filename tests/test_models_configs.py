@@ -1,30 +1,11 @@
-import glob
-import os
-
 import pytest
 import torch
 
-from cappo_pl.cli import build_cli
 from cappo_pl.errors import ConfigError
 from cappo_pl.models import TinyModelConfig, build_char_tokenizer, build_tiny_model, load_pretrained
 from cappo_pl.module import RLModule
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
-
-
-def test_configs_exist():
-    assert {"grpo.yaml", "ppo.yaml"} <= {os.path.basename(c) for c in CONFIGS}
-
-
-@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
-def test_every_config_parses_instantiates_and_states_its_command(path, tmp_path):
-    first = open(path).readline().strip()
-    assert first == f"# python cli.py fit --config configs/{os.path.relpath(path, os.path.join(ROOT, 'configs'))}"
-    cli = build_cli(["--config", path, f"--trainer.default_root_dir={tmp_path}"], run=False)
-    assert isinstance(cli.model, RLModule)
-    assert cli.model.objectives and cli.datamodule is not None
+# The configs/ tests (commands, parse, instantiate, 2-step runs, base: layers) are in tests/test_configs.py.
 
 
 def test_save_pretrained_round_trip_through_real_loader(tmp_path):
@@ -82,14 +63,3 @@ def test_logit_postprocessing_models_are_refused():
     scaled = Scaled(model.config)
     with pytest.raises(ConfigError, match="post-processes its logits"):
         check_head_matches_forward(scaled, len(tok))
-
-
-def test_combiner_configs_differ_only_in_the_combiner_block():
-    import yaml
-
-    paths = sorted(glob.glob(os.path.join(ROOT, "configs", "combiners", "*.yaml")))
-    assert {"scalarized.yaml", "mgda.yaml", "pcgrad.yaml"} <= {os.path.basename(p) for p in paths}
-    configs = [yaml.safe_load(open(p)) for p in paths]
-    combiners = {c["model"].pop("combiner")["class_path"] for c in configs}
-    assert len(combiners) == len(paths)
-    assert all(c == configs[0] for c in configs)

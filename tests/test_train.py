@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-import yaml
+from conftest import checkpointing_every, layered_config
 
 from cappo_pl.cli import main
 
@@ -14,13 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(tmp_path, every_n: int, config: str = "grpo.yaml") -> str:
-    cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", config)))
-    for cb in cfg["trainer"]["callbacks"]:
-        if cb["class_path"].endswith("ModelCheckpoint"):
-            cb["init_args"] = {"every_n_train_steps": every_n, "save_top_k": -1, "save_last": True, "dirpath": None}
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
+    return str(checkpointing_every(tmp_path, every_n, config, name="cfg.yaml"))
 
 
 def _rows(log_dir):
@@ -71,7 +65,7 @@ def test_fit_logs_metrics_and_resume_is_exact(run, tmp_path, config):
     assert any(r.get("val/accuracy") for r in _rows(full))
     assert os.path.exists(os.path.join(full, "summary.json")) and os.path.exists(os.path.join(full, "samples.jsonl"))
 
-    ppo = yaml.safe_load(open(os.path.join(ROOT, "configs", config)))["model"]["ppo"]
+    ppo = layered_config(config)["model"]["ppo"]
     mid_step = 2 * ppo["epochs"] * ppo["minibatches"]  # checkpoints count optimizer steps; this is RL step 2
     mid = sorted(glob.glob(os.path.join(full, "checkpoints", f"*step={mid_step}.ckpt")))
     assert mid, os.listdir(os.path.join(full, "checkpoints"))
@@ -116,44 +110,6 @@ def test_quickstart_notebook_executes(run, tmp_path):
     assert os.path.exists(os.path.join(log_dir, "quickstart.png"))
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "train/reward/mean" in outputs
-
-
-@pytest.mark.parametrize(
-    "config",
-    [
-        "grpo.yaml",
-        "ppo.yaml",
-        "ppo_critic.yaml",
-        "combiners/mgda.yaml",
-        "combiners/pcgrad.yaml",
-        "ce_gppo.yaml",
-        "erc.yaml",
-        "dppo.yaml",
-        "dppo_topk.yaml",
-        "gspo.yaml",
-        "cispo.yaml",
-        "gpg.yaml",
-        "clip_cov.yaml",
-        "kl_cov.yaml",
-        "dapo.yaml",
-    ],
-)
-def test_every_config_trains_two_steps(config, cli_args, tmp_path):
-    args = cli_args(config=f"configs/{config}", steps=2, extra=["--trainer.logger.init_args.name=smoke"])
-    main(args)
-    (log_dir,) = glob.glob(str(tmp_path / "runs" / "smoke" / "version_*"))
-    rows = [r for r in _rows(log_dir) if r.get("train/reward/mean")]
-    assert len(rows) == 2
-    cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", config)))["model"]["ppo"]
-    (ckpt,) = glob.glob(os.path.join(log_dir, "checkpoints", "last.ckpt"))
-    # One optimizer step per (epoch x mini-batch) of each RL step.
-    assert torch.load(ckpt, weights_only=False)["global_step"] == 2 * cfg["epochs"] * cfg["minibatches"]
-    if cfg["epochs"] * cfg["minibatches"] == 1:
-        # Wiring: the only update is on-policy, so pi == pi_old (recomputed at step start) and nothing clips.
-        for r in rows:
-            if config == "gpg.yaml":  # no ratio, no clip: nothing to check
-                continue
-            assert abs(float(r["train/policy/ppo_kl"])) < 1e-5 and float(r["train/policy/clipfrac"]) == 0.0
 
 
 def test_sft_subcommand_trains_once_then_hits_cache(tmp_path, capsys):
