@@ -90,13 +90,16 @@ def merged_config(path: str) -> dict:
     return cfg
 
 
-def _ends_with_configs(out: list[str], paths: list[str]) -> bool:
-    """Whether ``out`` ends with ``--config P`` for each of ``paths``, in order."""
-    tail = out[len(out) - 2 * len(paths) :] if len(out) >= 2 * len(paths) else []
-    return len(tail) == 2 * len(paths) and all(
-        flag in _CONFIG_FLAGS and os.path.realpath(value) == os.path.realpath(path)
-        for flag, value, path in zip(tail[::2], tail[1::2], paths, strict=True)
-    )
+def _refuse_inline_base(value: str) -> None:
+    """An inline YAML ``--config`` has no folder to resolve ``base:`` from: refuse it rather than ignore it."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return
+    if isinstance(cfg, dict) and cfg.get("base") is not None:
+        raise ConfigError("--config: an inline YAML config cannot name a base: put it in a file, or pass its parents")
 
 
 def expand_config_args(args: list[str]) -> list[str]:
@@ -105,7 +108,8 @@ def expand_config_args(args: list[str]) -> list[str]:
     jsonargparse merges successive ``--config`` files key by key (a restated list item by item), so a method file
     holds only what differs from ``configs/base.yaml``. A ``--base=null`` follows the last expanded file,
     so the parsed (and saved) config has no ``base`` and a run's saved ``config.yaml`` runs as it is.
-    Idempotent: parents already in place (a relaunched DDP rank's argv) are not added again.
+    A parent already applied by an earlier ``--config`` is not applied again, which also makes the expansion
+    idempotent (a relaunched DDP rank re-reads the expanded argv).
     """
     out: list[str] = []
     reset_at = None
@@ -121,11 +125,15 @@ def expand_config_args(args: list[str]) -> list[str]:
             value = args[i]
         i += 1
         if not os.path.isfile(value):  # an inline YAML string, or a missing file jsonargparse reports
+            _refuse_inline_base(value)
             out += [flag, value]
             continue
+        applied = {os.path.realpath(v) for f, v in zip(out, out[1:], strict=False) if f in _CONFIG_FLAGS}
+        # a parent already applied earlier (a shared base, or a relaunched DDP rank's expanded argv) is not
+        # applied again: it would reset what the files between set
         parents = config_layers(value)[:-1]
-        if not _ends_with_configs(out, parents):
-            for parent in parents:
+        for parent in parents:
+            if os.path.realpath(parent) not in applied:
                 out += ["--config", parent]
         out += ["--config", value]
         if parents:

@@ -215,10 +215,10 @@ class StepData:
     old_values: Tensor | None = None
 
     def token_batch(
-        self, idx: Tensor, cur: Scores, loss_scale_factor: float, dp: GlobalBatch | None
+        self, idx: Tensor, sub: Rollout, cur: Scores, loss_scale_factor: float, dp: GlobalBatch | None
     ) -> TokenBatch:
-        """The losses' view of mini-batch ``idx`` (rows of the step), scored by ``cur`` (with grad)."""
-        exp, sub = self.exp, self.exp.rollout.select(idx)
+        """The losses' view of mini-batch ``idx`` (rows of the step; ``sub`` its rollout), scored by ``cur``."""
+        exp = self.exp
         return TokenBatch(
             logp=cur.logp, old_logp=self.old.logp[idx], rollout_logp=sub.rollout_logp,
             advantages=self.advantages[idx], mask=exp.mask[idx], entropy=cur.entropy,

@@ -302,7 +302,7 @@ class RLModule(SRRHooks, RunState, pl.LightningModule):
         opt, sched, strategy = self.optimizers(), self.lr_schedulers(), self.trainer.strategy
         sub = step.exp.rollout.select(idx)
         cur = first if first is not None else self._score(self.policy, sub, for_update=True)
-        batch = step.token_batch(idx, cur, float(self.rollout_cfg.max_new_tokens), self._dp())
+        batch = step.token_batch(idx, sub, cur, float(self.rollout_cfg.max_new_tokens), self._dp())
         losses, metrics = objective_losses(self.objectives, batch)
         opt.zero_grad(set_to_none=True)
         update = self._combined_backward(losses, cur)

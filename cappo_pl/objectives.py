@@ -51,7 +51,7 @@ class PolicyObjective(Objective):
     def __init__(self, loss: PolicyLoss | None = None, weight: float = 1.0, name: str = "policy") -> None:
         super().__init__(name, weight)
         self.loss = loss if loss is not None else PPOClip()
-        self.needs_topk = self.loss.needs_topk
+        self.needs_topk = getattr(self.loss, "needs_topk", False)  # a duck-typed loss may not declare it
 
     def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
         return self.loss(batch)

@@ -17,8 +17,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from cappo_pl.strategies import is_fsdp2_unit
-
 
 def logprobs_and_entropy(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     """Log-probability of ``targets`` and entropy under ``softmax(logits / temperature)``.
@@ -175,6 +173,8 @@ def score_completions(
 
     """
     args = (completion_len, temperature, chunk_tokens, return_hidden, gram_space, topk_ids)
+    from cappo_pl.strategies import is_fsdp2_unit  # lazily: scoring stays importable without Lightning
+
     if is_fsdp2_unit(model):
         # a tuple of tensors out of the root's forward (FSDP2 hooks its outputs' tensors for backward)
         as_tuple = lambda ids, mask: tuple(vars(_score(model, ids, mask, *args)).values())  # noqa: E731

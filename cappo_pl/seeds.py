@@ -2,8 +2,11 @@
 
 A run has one seed (``model.seed``; ``data.seed`` for the prompt order). Each consumer of randomness
 takes its own named stream, keyed by where it is in the run (step, rank, ...), so a resumed run
-redraws exactly what the uninterrupted one drew, and no two consumers share draws. A new consumer
-adds a stream here; it never writes an ad-hoc formula of its own.
+redraws exactly what the uninterrupted one drew. A new consumer adds a stream here rather than an
+ad-hoc formula of its own. Two things draw outside these streams: Lightning's ``seed_everything``
+seeds the global RNG (LoRA's adapter initialisation draws from it), and ``sft_init`` / ``sft_batches``
+are both the SFT seed itself (one seeds the global RNG, the other a generator: kept so, for the
+cached SFT checkpoints).
 
 The formulas are the ones the streams had before they were gathered here (a seeded run gives the
 same samples as before), which is why they are not one hash. Within the ranges a run uses (steps
@@ -26,6 +29,7 @@ one stream give distinct seeds. The seed of each stream is its own config's (``m
 | sft_batches      | (none)                       | SFT's batch order                                |
 | sft_eval         | split (0 train, 1 val)       | SFT's sampled-accuracy check                     |
 | pcgrad_order     | (none)                       | PCGrad's projection order (the combiner's ``seed``) |
+| task_build       | (none)                       | the built-in task's reference picks and split (``data.task.seed``) |
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ STREAMS: dict[str, Callable[..., int]] = {
     "sft_batches": lambda seed: seed,
     "sft_eval": lambda seed, split: seed + split,
     "pcgrad_order": lambda seed: seed,
+    "task_build": lambda seed: seed,
 }
 
 

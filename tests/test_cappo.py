@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from cappo_pl.cli import main
+from cappo_pl.cli import main, merged_config
 from cappo_pl.data.tasks import SumTask
 from cappo_pl.models import load_pretrained
 
@@ -39,7 +39,7 @@ def small_sft(tmp_path_factory):
 
 
 def _config(tmp_path, target_ratio=None, combiner=None, every_n=None) -> str:
-    cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", "cappo.yaml")))
+    cfg = merged_config(os.path.join(ROOT, "configs", "cappo.yaml"))  # standalone: written elsewhere below
     for cb in cfg["trainer"]["callbacks"]:
         if cb["class_path"].endswith("EntropyController") and target_ratio is not None:
             cb["init_args"]["target_ratio"] = target_ratio

@@ -159,6 +159,13 @@ def test_expansion_puts_parents_first_once_and_resets_base():
     inline = ["fit", "--config", "{trainer: {max_epochs: 2}}"]
     assert expand_config_args(inline) == inline
     assert expand_config_args(["fit", "--config", ddp]) == ["fit", "--config", ddp]
+    # a parent an earlier --config already applied is not applied again (it would reset grpo's settings)
+    grpo = _path("grpo.yaml")
+    assert expand_config_args(["fit", "--config", grpo, "--config", mgda]) == [
+        "fit", "--config", parents[0], "--config", grpo, "--config", parents[1], "--config", mgda, "--base=null",
+    ]  # fmt: skip
+    with pytest.raises(ConfigError, match="inline YAML config cannot name a base"):
+        expand_config_args(["fit", "--config", "{base: base.yaml, trainer: {max_epochs: 2}}"])
 
 
 def test_bad_base_is_a_one_line_error(tmp_path):

@@ -14,6 +14,7 @@ from cappo_pl.data.readers import read_records
 from cappo_pl.data.records import Record
 from cappo_pl.rewards.base import RewardFn, RewardFunction, resolve_reward
 from cappo_pl.rewards.builtin import sum_reward
+from cappo_pl.seeds import derive_seed
 
 
 class Task:
@@ -73,7 +74,7 @@ class SumTask(Task):
         self._records = self._build()
 
     def _build(self) -> dict[str, list[Record]]:
-        rng = random.Random(self.seed)
+        rng = random.Random(derive_seed(self.seed, "task_build"))
         split: dict[str, list[Record]] = {"train": [], "val": []}
         for i, n in enumerate(range(self.min_n, self.max_n + 1)):
             pool = compositions(n, self.n_terms)
