@@ -157,6 +157,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
     from lightning.pytorch.cli import LightningCLI
 
+    from cappo_pl.checkpointing import raise_if_interrupted, safe_trainer_kwargs, verify_checkpoint
     from cappo_pl.data.datamodule import RLDataModule
     from cappo_pl.module import RLModule
 
@@ -168,7 +169,19 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             callbacks = list(cfg.get("callbacks") or [])
             if cfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
                 kwargs["callbacks"] = [*callbacks, RichProgressBar()]
-            return super().instantiate_trainer(**kwargs)
+            return super().instantiate_trainer(**safe_trainer_kwargs(cfg, kwargs))
+
+        def _parse_ckpt_path(self) -> None:
+            # Lightning reads the checkpoint's hyperparameters here, before anything is written: a truncated or
+            # tampered file must be a one-line error, not a traceback from torch.load.
+            sub = self.config.get("subcommand")
+            ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+            if ckpt_path:
+                verify_checkpoint(ckpt_path)
+            super()._parse_ckpt_path()
+
+        def after_fit(self) -> None:
+            raise_if_interrupted(self.trainer)
 
         def add_arguments_to_parser(self, parser) -> None:
             parser.set_defaults(
@@ -221,4 +234,4 @@ def main(argv: list[str] | None = None) -> None:
             build_cli(None if argv is None else args)
     except CappoError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(err, "exit_code", 2))

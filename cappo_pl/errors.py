@@ -15,3 +15,13 @@ class RewardError(CappoError):
 
 class ConfigError(CappoError, ValueError):
     """A configuration value that cannot work; the message names the config key."""
+
+
+class CheckpointError(CappoError):
+    """A checkpoint that cannot be loaded safely (missing, truncated, tampered); the message names the file."""
+
+
+class Interrupted(CappoError):
+    """A run stopped by Ctrl-C or SIGTERM; the message says where the last good checkpoint is."""
+
+    exit_code = 130  # the shell's convention for a process ended by SIGINT
