@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import typing
 
 from cappo_pl.errors import CappoError, ConfigError
 
@@ -143,6 +144,25 @@ def expand_config_args(args: list[str]) -> list[str]:
     return out
 
 
+def check_args(args: list[str], parser) -> None:
+    """Check the config that ``args`` (a subcommand's, ``base:`` expanded) describe, before jsonargparse parses it.
+
+    Raises:
+        ConfigError: one line naming the file:line (or command line) that set a bad key or value.
+
+    """
+    from lightning.pytorch import Trainer
+
+    from cappo_pl.config_schema import Group, check_raw_config
+    from cappo_pl.config_sources import read_sources
+    from cappo_pl.data.datamodule import RLDataModule
+    from cappo_pl.module import RLModule
+
+    roots: dict = {a.dest.split(".")[0]: typing.Any for a in parser._actions if a.dest}
+    roots |= {"trainer": Group(Trainer), "model": Group(RLModule), "data": Group(RLDataModule)}
+    check_raw_config(read_sources(args), roots)
+
+
 def build_cli(args: list[str] | None = None, run: bool = True):
     """Construct the CappoCLI (importing Lightning lazily so ``--help`` errors stay fast).
 
@@ -155,11 +175,20 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     else:
         args = expand_config_args(list(args))
     from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
     from cappo_pl.checkpointing import raise_if_interrupted, safe_trainer_kwargs, verify_checkpoint
+    from cappo_pl.config_schema import condense_parser_error
     from cappo_pl.data.datamodule import RLDataModule
     from cappo_pl.module import RLModule
+
+    class _OneLineParser(LightningArgumentParser):
+        def error(self, message: str, ex: Exception | None = None):
+            # Where jsonargparse would print usage and a dump of every Union branch, raise one line instead;
+            # its inner parsers (exit_on_error=False) keep raising ArgumentError, which it catches itself.
+            if self.exit_on_error:
+                raise ConfigError(condense_parser_error(message)) from ex
+            return super().error(message, ex)
 
     class CappoCLI(LightningCLI):
         def instantiate_trainer(self, **kwargs):
@@ -179,6 +208,13 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             if ckpt_path:
                 verify_checkpoint(ckpt_path)
             super()._parse_ckpt_path()
+
+        def parse_arguments(self, parser, args) -> None:
+            # Our own pass first: it knows which file:line set each value, jsonargparse does not.
+            argv = list(sys.argv[1:] if args is None else args)
+            if argv and argv[0] in self._subcommand_parsers and not {"-h", "--help"} & set(argv):
+                check_args(argv[1:], self._subcommand_parsers[argv[0]])
+            super().parse_arguments(parser, args)
 
         def after_fit(self) -> None:
             raise_if_interrupted(self.trainer)
@@ -205,6 +241,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     return CappoCLI(
         RLModule,
         RLDataModule,
+        parser_class=_OneLineParser,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         args=args,
