@@ -181,6 +181,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     from cappo_pl.config_schema import condense_parser_error
     from cappo_pl.data.datamodule import RLDataModule
     from cappo_pl.module import RLModule
+    from cappo_pl.preflight import check_inputs
 
     class _OneLineParser(LightningArgumentParser):
         def error(self, message: str, ex: Exception | None = None):
@@ -212,9 +213,20 @@ def build_cli(args: list[str] | None = None, run: bool = True):
         def parse_arguments(self, parser, args) -> None:
             # Our own pass first: it knows which file:line set each value, jsonargparse does not.
             argv = list(sys.argv[1:] if args is None else args)
-            if argv and argv[0] in self._subcommand_parsers and not {"-h", "--help"} & set(argv):
-                check_args(argv[1:], self._subcommand_parsers[argv[0]])
+            subparsers = getattr(self, "_subcommand_parsers", None)  # none when built with run=False
+            if {"-h", "--help"} & set(argv):
+                pass
+            elif not subparsers:
+                check_args(argv, parser)
+            elif argv and argv[0] in subparsers:
+                check_args(argv[1:], subparsers[argv[0]])
             super().parse_arguments(parser, args)
+
+        def before_fit(self) -> None:
+            check_inputs(self.model, self.datamodule)
+
+        def before_validate(self) -> None:
+            check_inputs(self.model, self.datamodule)
 
         def after_fit(self) -> None:
             raise_if_interrupted(self.trainer)
@@ -251,7 +263,10 @@ def build_cli(args: list[str] | None = None, run: bool = True):
 
 def _sft(args: list[str]) -> None:
     """``cappo-pl sft --config X.yaml``: train (or find cached) the SFT warm start of X's policy."""
+    from cappo_pl.preflight import check_inputs
+
     cli = build_cli(args, run=False)
+    check_inputs(cli.model, cli.datamodule)
     cli.model.prepare_sft(cli.datamodule)
 
 

@@ -153,6 +153,8 @@ class _Checker:
             return
         if value is None:
             return
+        if isinstance(value, str) and not any(m is str or typing.get_origin(m) is Literal for m in _members(tp)):
+            value = _coerce(value, tp)  # a command-line string: read as jsonargparse would (YAML, numbers)
         cls = self.class_of(value, tp)
         if cls is not None:
             self.class_node(value, cls, path)
@@ -165,8 +167,7 @@ class _Checker:
             return
         if isinstance(value, dict):
             return
-        coerced = _coerce(value, tp)
-        problem = _type_problem(coerced, tp) or violation(coerced, tp)
+        problem = _type_problem(value, tp) or violation(value, tp)
         if problem is not None:
             self.fail(path, f"{problem}, got {value!r}")
 

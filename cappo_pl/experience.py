@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from cappo_pl.advantages import zero_std_groups
+from cappo_pl.constraints import NonNegativeFloat, NonNegativeInt, PositiveInt, check_fields
 from cappo_pl.data.records import Record
 from cappo_pl.losses.aggregation import GlobalBatch
 from cappo_pl.losses.base import TokenBatch
@@ -42,20 +43,26 @@ class DynamicSamplingConfig:
     """Drop zero-variance groups and generate more prompts until the step is full."""
     metric: Literal["accuracy", "reward"] = "accuracy"
     """What must vary within a group: correctness (DAPO's ``acc``) or the (shaped) reward."""
-    max_gen_batches: int = 4
+    max_gen_batches: PositiveInt = 4
     """Generation batches per step at most, the first included (verl ``max_num_gen_batches``)."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
 class OverlongConfig:
     """DAPO overlong reward shaping and overlong filtering."""
 
-    buffer_len: int = 0
+    buffer_len: NonNegativeInt = 0
     """L_buf: tokens before ``max_new_tokens`` where the length penalty ramps in (0: no shaping)."""
-    penalty_factor: float = 1.0
+    penalty_factor: NonNegativeFloat = 1.0
     """The penalty at ``max_new_tokens`` (DAPO 1.0)."""
     filter_truncated: bool = False
     """Mask completions without EOS out of the loss (overlong filtering)."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def overlong_penalty(lengths: Tensor, max_len: int, buffer_len: int, factor: float = 1.0) -> Tensor:

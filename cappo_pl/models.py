@@ -11,11 +11,14 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
+from annotated_types import Interval
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from cappo_pl.constraints import NonNegativeInt, PositiveFloat, PositiveInt, check_fields
 from cappo_pl.errors import ConfigError
 from cappo_pl.seeds import derive_seed
 
@@ -26,52 +29,61 @@ SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 class TinyModelConfig:
     """Shape of the built-in Llama-style model (about 0.8M parameters with the defaults)."""
 
-    hidden_size: int = 128
+    hidden_size: PositiveInt = 128
     """Model width."""
-    num_layers: int = 4
+    num_layers: PositiveInt = 4
     """Transformer blocks."""
-    num_heads: int = 4
+    num_heads: PositiveInt = 4
     """Attention heads."""
-    intermediate_size: int = 512
+    intermediate_size: PositiveInt = 512
     """MLP width."""
-    max_position_embeddings: int = 256
+    max_position_embeddings: PositiveInt = 256
     """Longest prompt + completion in tokens."""
     init_seed: int = 0
     """Seed of the random initialisation."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
 class SFTConfig:
     """SFT warm start of the built-in model on the data's reference completions (cached by config hash)."""
 
-    steps: int = 1500
+    steps: NonNegativeInt = 1500
     """Optimizer steps."""
-    batch_size: int = 64
+    batch_size: PositiveInt = 64
     """Sequences per step."""
-    lr: float = 3e-3
+    lr: PositiveFloat = 3e-3
     """Peak learning rate (linear warm-up, cosine decay)."""
-    warmup_steps: int = 50
+    warmup_steps: NonNegativeInt = 50
     """Warm-up steps."""
     seed: int = 0
     """Seed of the data order."""
-    eval_samples: int = 8
+    eval_samples: NonNegativeInt = 8
     """Completions sampled per prompt to report the SFT policy's accuracy."""
     cache_dir: str = ".cache/cappo_pl/sft"
     """Where trained checkpoints are kept, one folder per config hash."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
 class LoRAConfig:
     """LoRA adapters through peft (Hu et al. 2021): only the adapters train; the base stays frozen."""
 
-    r: int = 16
+    r: PositiveInt = 16
     """Rank of the update ``B A``."""
-    alpha: float = 32.0
+    alpha: PositiveFloat = 32.0
     """Scale: the update is ``alpha / r * B A``."""
-    dropout: float = 0.0
+    dropout: Annotated[float, Interval(ge=0, lt=1)] = 0.0
     """Dropout on the adapters' input (0: the policy stays deterministic, as pi/pi_old need)."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     """Names of the linear layers that get adapters (Llama-style attention projections by default)."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
@@ -88,12 +100,15 @@ class PolicyConfig:
     """Shape of the built-in model (used when ``path`` is None)."""
     sft: SFTConfig | None = field(default_factory=SFTConfig)
     """SFT warm start of the built-in model; null starts RL from random weights."""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter dtype: float32 or bfloat16."""
     lora: LoRAConfig | None = None
     """Train LoRA adapters instead of every weight; the reference is the base with adapters off."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass (less memory, more time)."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def build_char_tokenizer() -> PreTrainedTokenizerFast:

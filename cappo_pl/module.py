@@ -19,6 +19,7 @@ from torch import Tensor
 from cappo_pl.advantages import GRPO, AdvantageEstimator
 from cappo_pl.combiners import Combiner, Scalarized
 from cappo_pl.config_checks import check_config, check_strategy
+from cappo_pl.constraints import PositiveInt, checked_init
 from cappo_pl.critic import CriticConfig, ValueModel, critic_backward
 from cappo_pl.data.records import PromptBatch, Record
 from cappo_pl.errors import ConfigError
@@ -79,6 +80,7 @@ class RLModule(SRRHooks, RunState, pl.LightningModule):
 
     """
 
+    @checked_init
     def __init__(
         self,
         policy: PolicyConfig | None = None,
@@ -90,7 +92,7 @@ class RLModule(SRRHooks, RunState, pl.LightningModule):
         rollout: RolloutConfig | None = None,
         ppo: PPOConfig | None = None,
         optim: OptimConfig | None = None,
-        val_samples: int = 4,
+        val_samples: PositiveInt = 4,
         dynamic_sampling: DynamicSamplingConfig | None = None,
         overlong: OverlongConfig | None = None,
         srr: SRRConfig | None = None,

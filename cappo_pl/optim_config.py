@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+from annotated_types import Interval
 
+from cappo_pl.constraints import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check_fields
 from cappo_pl.strategies import offloads_optimizer
 
 
@@ -14,34 +16,40 @@ from cappo_pl.strategies import offloads_optimizer
 class PPOConfig:
     """How each RL step's rollouts are turned into updates."""
 
-    epochs: int = 1
+    epochs: PositiveInt = 1
     """Passes over the step's rollouts (PPO epochs)."""
-    minibatches: int = 1
+    minibatches: PositiveInt = 1
     """Optimizer steps per epoch; the rollouts are split into this many shuffled mini-batches."""
-    clip_grad_norm: float | None = 1.0
+    clip_grad_norm: PositiveFloat | None = 1.0
     """Clip the update's global L2 norm (None: no clipping)."""
-    score_chunk_tokens: int = 4096
+    score_chunk_tokens: PositiveInt = 4096
     """Tokens per LM-head chunk when scoring (bounds the logits memory)."""
     reward_on_error: Literal["raise", "skip"] = "raise"
     """A non-finite reward fails the run (raise) or drops that sample from the loss (skip, counted)."""
     success_threshold: float = 1.0
     """A sample with reward >= this counts as correct (accuracy)."""
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+
 
 @dataclass
 class OptimConfig:
     """AdamW with linear warm-up, then constant."""
 
-    lr: float = 1e-4
+    lr: PositiveFloat = 1e-4
     """Learning rate."""
-    weight_decay: float = 0.0
+    weight_decay: NonNegativeFloat = 0.0
     """Decoupled weight decay."""
-    beta1: float = 0.9
+    beta1: Annotated[float, Interval(ge=0, lt=1)] = 0.9
     """Adam beta1."""
-    beta2: float = 0.999
+    beta2: Annotated[float, Interval(ge=0, lt=1)] = 0.999
     """Adam beta2."""
-    warmup_steps: int = 0
+    warmup_steps: NonNegativeInt = 0
     """Optimizer steps of linear warm-up."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def build_optimizer(

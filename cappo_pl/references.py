@@ -9,10 +9,13 @@ head, temperature-scaled logits as in training): no generation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
+from annotated_types import Interval
 from torch import Tensor, nn
 
+from cappo_pl.constraints import NonNegativeInt, PositiveInt, check_fields
 from cappo_pl.data.records import Record
 from cappo_pl.scoring import score_completions
 
@@ -23,20 +26,23 @@ class SRRConfig:
 
     enabled: bool = True
     """Compute ``val/srr*`` in every validation."""
-    thresholds: list[float] = field(default_factory=lambda: [0.1, 0.01, 0.001])
+    thresholds: list[Annotated[float, Interval(gt=0, le=1)]] = field(default_factory=lambda: [0.1, 0.01, 0.001])
     """Per-token probabilities tau; a reference is retained if its mean token logprob >= log(tau).
     The first is the headline ``val/srr``; each one is logged as ``val/srr@<tau>``. 0.1 (mean token
     logprob >= -2.3, perplexity <= 10) separates kept from dropped completions both for the built-in
     task's 100-token vocabulary (uniform is 0.01) and for LLM-sized ones; 1e-2 and 1e-3 are the looser
     tests the CaPPO reconstruction suggests (docs/reference/algorithms.md section 5)."""
-    relative_threshold: float = 0.1
+    relative_threshold: Annotated[float, Interval(gt=0, le=1)] = 0.1
     """tau_rel of ``val/srr_rel``: mean per-token log-ratio to the initial (SFT) policy >= log(tau_rel)."""
-    sampled_per_prompt: int = 8
+    sampled_per_prompt: NonNegativeInt = 8
     """m: references sampled from the initial policy for prompts that have none in the data."""
-    max_per_prompt: int | None = None
+    max_per_prompt: PositiveInt | None = None
     """Use at most this many references per prompt (None: all)."""
-    batch_size: int = 256
+    batch_size: PositiveInt = 256
     """References per teacher-forced forward."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass

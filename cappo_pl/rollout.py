@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from annotated_types import Interval
 from torch import Tensor, nn
 
+from cappo_pl.constraints import NonNegativeInt, PositiveFloat, PositiveInt, check_fields
 from cappo_pl.scoring import position_ids_from_mask
 
 
@@ -22,15 +25,15 @@ from cappo_pl.scoring import position_ids_from_mask
 class RolloutConfig:
     """How completions are sampled."""
 
-    group_size: int = 8
+    group_size: PositiveInt = 8
     """Completions per prompt G."""
-    max_new_tokens: int = 16
+    max_new_tokens: PositiveInt = 16
     """Longest completion; a completion without EOS by then counts as truncated."""
-    temperature: float = 1.0
+    temperature: PositiveFloat = 1.0
     """Sampling temperature; scoring uses the same one."""
-    top_p: float = 1.0
+    top_p: Annotated[float, Interval(gt=0, le=1)] = 1.0
     """Nucleus sampling mass (1.0: off)."""
-    top_k_logprobs: int = 0
+    top_k_logprobs: NonNegativeInt = 0
     """Record the top-k logprobs per position (sampled token forced in), for DPPO Top-K; 0: off."""
     seed_per_prompt: bool = False
     """Draw each completion from its own random stream, keyed by (seed, step, the prompt's place in
@@ -42,6 +45,9 @@ class RolloutConfig:
     def for_validation(self, samples: int) -> RolloutConfig:
         """Validation's sampling: ``samples`` completions per prompt, otherwise these settings (top-k off)."""
         return RolloutConfig(samples, self.max_new_tokens, self.temperature, self.top_p)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass

@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from cappo_pl.constraints import PositiveInt, checked_init
 from cappo_pl.data.readers import check_prompt_lengths
 from cappo_pl.data.records import PromptBatch, Record
 from cappo_pl.data.tasks import SumTask, Task
@@ -114,14 +115,15 @@ class RLDataModule(pl.LightningDataModule):
 
     """
 
+    @checked_init
     def __init__(
         self,
         task: Task | None = None,
-        prompts_per_step: int = 16,
-        steps_per_epoch: int = 100,
-        val_prompts: int | None = None,
-        val_batch_size: int = 32,
-        max_prompt_tokens: int = 128,
+        prompts_per_step: PositiveInt = 16,
+        steps_per_epoch: PositiveInt = 100,
+        val_prompts: PositiveInt | None = None,
+        val_batch_size: PositiveInt = 32,
+        max_prompt_tokens: PositiveInt = 128,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -136,16 +138,20 @@ class RLDataModule(pl.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         return getattr(module, "tokenizer", None)
 
+    def check_records(self, tokenizer=None) -> None:
+        """Read and validate every train and val record (file:line errors), prompt lengths with ``tokenizer``."""
+        train, val = self.task.train_records(), self.task.val_records()
+        if tokenizer is not None:
+            count = lambda text: len(tokenizer(text, add_special_tokens=True)["input_ids"])  # noqa: E731
+            check_prompt_lengths(train + val, count, self.max_prompt_tokens)
+            self._checked = True
+
     def checked_records(self, split: str) -> list[Record]:
         """Train or val records, validated (prompt token limit) on first use."""
-        train, val = self.task.train_records(), self.task.val_records()
         if not self._checked:
-            tok = self._tokenizer()
-            if tok is not None:
-                count = lambda text: len(tok(text, add_special_tokens=True)["input_ids"])  # noqa: E731
-                check_prompt_lengths(train + val, count, self.max_prompt_tokens)
+            self.check_records(self._tokenizer())
             self._checked = True
-        return train if split == "train" else val
+        return self.task.train_records() if split == "train" else self.task.val_records()
 
     def prepare_data(self) -> None:
         # Fail fast (before any model work) on a bad data file.

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import random
 from itertools import combinations
+from typing import Annotated
 
+from annotated_types import Ge
+
+from cappo_pl.constraints import NonNegativeInt, PositiveInt, checked_init
 from cappo_pl.data.readers import read_records
 from cappo_pl.data.records import Record
+from cappo_pl.errors import ConfigError
 from cappo_pl.rewards.base import RewardFn, RewardFunction, resolve_reward
 from cappo_pl.rewards.builtin import sum_reward
 from cappo_pl.seeds import derive_seed
@@ -58,17 +63,18 @@ class SumTask(Task):
 
     """
 
+    @checked_init
     def __init__(
         self,
-        min_n: int = 10,
-        max_n: int = 99,
-        n_terms: int = 2,
-        references_per_prompt: int = 12,
-        val_every: int = 5,
+        min_n: PositiveInt = 10,
+        max_n: PositiveInt = 99,
+        n_terms: Annotated[int, Ge(2)] = 2,
+        references_per_prompt: NonNegativeInt = 12,
+        val_every: NonNegativeInt = 5,
         seed: int = 0,
     ) -> None:
-        if n_terms < 2 or min_n < n_terms or max_n < min_n:
-            raise ValueError(f"data.task: need 2 <= n_terms <= min_n <= max_n, got {n_terms}, {min_n}, {max_n}")
+        if min_n < n_terms or max_n < min_n:
+            raise ConfigError(f"data.task: need n_terms <= min_n <= max_n, got {n_terms}, {min_n}, {max_n}")
         self.min_n, self.max_n, self.n_terms = min_n, max_n, n_terms
         self.references_per_prompt, self.val_every, self.seed = references_per_prompt, val_every, seed
         self._records = self._build()
