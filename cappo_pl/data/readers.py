@@ -6,11 +6,17 @@ Schema (one JSON object per line, or one Parquet row):
 
 ``prompt`` (non-empty string) is required; ``references`` (list of strings) and ``answer`` (string
 or number) are optional; every other field is kept in ``Record.extra`` and passed to the reward.
+
+A row is rejected, anywhere in it, for a non-finite number (``NaN``, ``Infinity``, ``1e999``), an integer
+too long for ``int()`` (``sys.get_int_max_str_digits()``) or a duplicate key in a JSON object.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -43,7 +49,97 @@ def _to_record(row: Any, where: str) -> Record:
     return Record(prompt, list(refs), None if answer is None else str(answer), extra, where)
 
 
+class _Problem:
+    """Stands in for a number that cannot be kept (non-finite or too long), so decoding can go on to name the field."""
+
+    __slots__ = ()
+
+
+def _number_text(text: str) -> str:
+    # A 5000-digit number would make the message unreadable; the start is enough to find it.
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} chars)"
+
+
+class _LineDecoder:
+    """A strict ``json.loads`` for one line: records every non-finite number, oversized integer and duplicate key.
+
+    The hooks cannot raise at once, because the field name is only known once the whole row is built: each
+    problem is kept with the object that holds it, and ``_describe`` finds the top-level key above it.
+    """
+
+    def __init__(self) -> None:
+        self.problems: list[tuple[object, str]] = []
+
+    def _bad_number(self, message: str) -> _Problem:
+        marker = _Problem()
+        self.problems.append((marker, message))
+        return marker
+
+    def _float(self, text: str) -> float | _Problem:
+        value = float(text)
+        # 9.5e999 parses to inf: the data cannot mean that, and an inf answer or feature poisons the reward.
+        return value if math.isfinite(value) else self._bad_number(f"non-finite number {_number_text(text)}")
+
+    def _constant(self, text: str) -> _Problem:
+        # Python's json accepts NaN/Infinity/-Infinity, which are not JSON.
+        return self._bad_number(f"non-finite number {text}")
+
+    def _int(self, text: str) -> int | _Problem:
+        try:
+            return int(text)
+        except ValueError:  # over sys.get_int_max_str_digits(): int() refuses to convert it
+            digits = len(text.lstrip("-"))
+            return self._bad_number(f"integer too large ({digits} digits, the limit is {sys.get_int_max_str_digits()})")
+
+    def _object(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in obj:
+                self.problems.append((obj, f"duplicate key {key!r}"))
+            obj[key] = value
+        return obj
+
+    def loads(self, line: str) -> Any:
+        self.problems.clear()
+        return json.loads(
+            line,
+            parse_float=self._float,
+            parse_int=self._int,
+            parse_constant=self._constant,
+            object_pairs_hook=self._object,
+        )
+
+
+def _contains(value: Any, target: object) -> bool:
+    # Iterative: a row may be nested almost to the recursion limit that json.loads allowed.
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if item is target:
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return False
+
+
+def _describe(row: Any, holder: object, message: str) -> str:
+    """Prefix ``message`` with the top-level field whose value holds ``holder``, when there is one."""
+    if isinstance(row, dict) and holder is not row:
+        for key, value in row.items():
+            if _contains(value, holder):
+                return f"field {key!r}: {message}"
+    return message
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 def _read_jsonl(path: Path) -> Iterator[Record]:
+    decoder = _LineDecoder()
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
@@ -54,10 +150,31 @@ def _read_jsonl(path: Path) -> Iterator[Record]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = decoder.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
+            except RecursionError:
+                raise DataError(f"{where}: malformed JSON (nested too deeply)") from None
+            except Exception as err:  # anything else json raises must still name the line, not print a traceback
+                raise DataError(f"{where}: malformed JSON ({type(err).__name__}: {_first_line(err)})") from None
+            if decoder.problems:
+                holder, message = decoder.problems[0]
+                raise DataError(f"{where}: {_describe(row, holder, message)}")
             yield _to_record(row, where)
+
+
+def _non_finite(value: Any) -> Any:
+    """Return the first non-finite float inside ``value`` (lists, structs, maps), or None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, numbers.Real) and not isinstance(item, numbers.Integral) and not math.isfinite(item):
+            return item
+    return None
 
 
 def _read_parquet(path: Path) -> Iterator[Record]:
@@ -66,12 +183,17 @@ def _read_parquet(path: Path) -> Iterator[Record]:
     try:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises several types for a bad file
-        raise DataError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})") from None
+        raise DataError(f"{path}: not a readable Parquet file ({_first_line(err)})") from None
     if "prompt" not in table.column_names:
         raise DataError(f"{path}:1: missing field 'prompt' (columns: {', '.join(table.column_names)})")
     # Parquet has no lines; row numbers are 1-based like lines.
     for i, row in enumerate(table.to_pylist(), start=1):
-        yield _to_record(row, f"{path}:{i}")
+        where = f"{path}:{i}"
+        for key, value in row.items():
+            bad = _non_finite(value)
+            if bad is not None:
+                raise DataError(f"{where}: field {key!r}: non-finite number {bad}")
+        yield _to_record(row, where)
 
 
 READERS: dict[str, Callable[[Path], Iterator[Record]]] = {
