@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from cappo_pl.constraints import PositiveFloat, UnitFloat, checked_init
 from cappo_pl.losses.aggregation import GlobalBatch
 
 
@@ -163,9 +164,10 @@ class AdvantageEstimator:
 
 
 class GRPO(AdvantageEstimator):
-    """Group mean/std normalisation. Args: eps: added to the std."""
+    """Group mean/std normalisation. Args: eps: added to the std (> 0: a group of equal rewards divides 0 by it)."""
 
-    def __init__(self, eps: float = 1e-6) -> None:
+    @checked_init
+    def __init__(self, eps: PositiveFloat = 1e-6) -> None:
         self.eps = eps
 
     def __call__(self, rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
@@ -189,7 +191,8 @@ class RLOO(AdvantageEstimator):
 class ReinforcePlusPlus(AdvantageEstimator):
     """Batch-normalised REINFORCE++. Args: group_baseline: subtract the group mean first."""
 
-    def __init__(self, group_baseline: bool = False, eps: float = 1e-8) -> None:
+    @checked_init
+    def __init__(self, group_baseline: bool = False, eps: PositiveFloat = 1e-8) -> None:
         self.group_baseline = group_baseline
         self.eps = eps
 
@@ -265,7 +268,8 @@ class GAE(AdvantageEstimator):
 
     needs_values = True
 
-    def __init__(self, gamma: float = 1.0, lam: float = 0.95, whiten: bool = True) -> None:
+    @checked_init
+    def __init__(self, gamma: UnitFloat = 1.0, lam: UnitFloat = 0.95, whiten: bool = True) -> None:
         self.gamma, self.lam, self.whiten = gamma, lam, whiten
 
     def __call__(self, rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:

@@ -6,10 +6,11 @@ and jsonargparse share)::
     lr: PositiveFloat = 1e-4          # Annotated[float, Gt(0)]
     clip_eps: Annotated[float, Interval(gt=0, lt=1)] = 0.2
 
-Three readers of the same declaration: ``cappo_pl.config_schema`` checks a YAML/command-line config before
+Two readers of the same declaration: ``cappo_pl.config_schema`` checks a YAML/command-line config before
 anything is built (the error names the key path and the file:line that set it); ``check_fields`` checks a
-dataclass in ``__post_init__`` and ``checked_init`` a class's ``__init__`` arguments (for configs built in
-Python); jsonargparse enforces it again while parsing. Every float of a config must also be finite.
+dataclass in ``__post_init__`` and ``checked_init`` a class's ``__init__`` arguments (configs built in
+Python). jsonargparse would enforce the metadata too, but not in modules with postponed annotations
+(``from __future__ import annotations``, all of ours), so it is not relied on. Every float must be finite.
 """
 
 from __future__ import annotations

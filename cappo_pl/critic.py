@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from cappo_pl.constraints import PositiveFloat, check_fields
 from cappo_pl.gradients import grad_norm
 from cappo_pl.losses.aggregation import AggMode, GlobalBatch, agg_loss, masked_mean
 from cappo_pl.scoring import position_ids_from_mask
@@ -31,14 +32,17 @@ from cappo_pl.scoring import position_ids_from_mask
 class CriticConfig:
     """The value model trained next to the policy (needed by ``advantage: GAE``)."""
 
-    cliprange_value: float | None = 0.2
+    cliprange_value: PositiveFloat | None = 0.2
     """c of the clipped value loss (TRL 0.2; verl 0.5); None: unclipped."""
-    lr: float | None = None
+    lr: PositiveFloat | None = None
     """Learning rate of the critic's parameter group (None: the policy's ``optim.lr``)."""
-    clip_grad_norm: float | None = 1.0
+    clip_grad_norm: PositiveFloat | None = 1.0
     """Clip the critic's gradient norm, separately from the policy's (None: no clipping)."""
     agg: AggMode = "token-mean"
     """Aggregation of the per-token value loss."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 class ValueModel(nn.Module):

@@ -7,9 +7,9 @@ entropy controller can steer it between steps.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
+from cappo_pl.constraints import NonNegativeFloat, checked_init
 from cappo_pl.losses.aggregation import AggMode, agg_loss, masked_mean
 from cappo_pl.losses.base import PolicyLoss, TokenBatch
 from cappo_pl.losses.kl import KLEstimator, kl_penalty
@@ -48,7 +48,8 @@ class PolicyObjective(Objective):
 
     """
 
-    def __init__(self, loss: PolicyLoss | None = None, weight: float = 1.0, name: str = "policy") -> None:
+    @checked_init
+    def __init__(self, loss: PolicyLoss | None = None, weight: NonNegativeFloat = 1.0, name: str = "policy") -> None:
         super().__init__(name, weight)
         self.loss = loss if loss is not None else PPOClip()
         self.needs_topk = getattr(self.loss, "needs_topk", False)  # a duck-typed loss may not declare it
@@ -69,6 +70,7 @@ class EntropyBonus(Objective):
 
     """
 
+    @checked_init
     def __init__(self, weight: float = 0.001, agg: AggMode = "token-mean", name: str = "entropy") -> None:
         super().__init__(name, weight)
         self.agg = agg
@@ -93,13 +95,17 @@ class KLPenalty(Objective):
 
     needs_ref = True
 
+    @checked_init
     def __init__(
-        self, weight: float = 0.001, estimator: KLEstimator = "k3", agg: AggMode = "token-mean", name: str = "kl"
+        self,
+        weight: NonNegativeFloat = 0.001,
+        estimator: KLEstimator = "k3",
+        agg: AggMode = "token-mean",
+        name: str = "kl",
     ) -> None:
         super().__init__(name, weight)
         self.estimator = estimator
         self.agg = agg
-        kl_penalty(torch.zeros(1), torch.zeros(1), estimator)  # fail at construction on a bad name
 
     def __call__(self, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
         if batch.ref_logp is None:
@@ -122,7 +128,8 @@ class PositiveNLL(Objective):
 
     """
 
-    def __init__(self, weight: float = 0.1, agg: AggMode = "token-mean", name: str = "positive_nll") -> None:
+    @checked_init
+    def __init__(self, weight: NonNegativeFloat = 0.1, agg: AggMode = "token-mean", name: str = "positive_nll") -> None:
         super().__init__(name, weight)
         self.agg = agg
 

@@ -37,8 +37,8 @@ class PPOConfig:
 class OptimConfig:
     """AdamW with linear warm-up, then constant."""
 
-    lr: PositiveFloat = 1e-4
-    """Learning rate."""
+    lr: NonNegativeFloat = 1e-4
+    """Learning rate (0 freezes the policy; the critic, if any, has its own)."""
     weight_decay: NonNegativeFloat = 0.0
     """Decoupled weight decay."""
     beta1: Annotated[float, Interval(ge=0, lt=1)] = 0.9

@@ -73,13 +73,13 @@ def test_a_value_set_in_a_parent_layer_is_blamed_on_that_file(cli_args, tmp_path
     child = tmp_path / "child.yaml"
     child.write_text("base: parent.yaml\nmodel:\n  seed: 3\n")
     msg = _refused(cli_args(extra=["--config", str(child)]), tmp_path, capsys)
-    assert msg == f"{parent}:4: model.optim.lr: must be > 0, got -0.5"
+    assert msg == f"{parent}:4: model.optim.lr: must be >= 0, got -0.5"
 
 
 @pytest.mark.parametrize(
     ("flag", "expected"),
     [
-        ("--model.optim.lr=-1", "model.optim.lr: must be > 0, got -1"),
+        ("--model.optim.lr=-1", "model.optim.lr: must be >= 0, got -1"),
         ("--model.optim.lr=nan", "model.optim.lr: must be a finite number, got nan"),
         ("--model.optim.lr=abc", "model.optim.lr: expected float, got 'abc'"),
         ("--model.rollout.group_size=0", "model.rollout.group_size: must be > 0, got 0"),

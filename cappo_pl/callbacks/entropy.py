@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 from cappo_pl.callbacks.control import WeightController
+from cappo_pl.constraints import NonNegativeFloat, NonNegativeInt, PositiveFloat, checked_init
 from cappo_pl.errors import ConfigError
 
 
@@ -86,13 +87,10 @@ class _EntropyTarget(WeightController):
 
     def __init__(self, objective: str, target: float | None, target_ratio: float | None) -> None:
         super().__init__(objective)
-        if target is not None and target_ratio is not None:
+        if target is not None and target_ratio is not None:  # each one's range is in its annotation
             raise ConfigError(
-                "trainer.callbacks: entropy controller: give exactly one of `target` (nats) or `target_ratio`"
-            )
-        if (target is not None and target <= 0) or (target_ratio is not None and target_ratio <= 0):
-            raise ConfigError(
-                f"trainer.callbacks: entropy controller: target must be > 0, got target={target}, ratio={target_ratio}"
+                f"trainer.callbacks: {type(self).__name__}.target / target_ratio: give exactly one of `target` (nats) "
+                f"or `target_ratio`, got target={target}, target_ratio={target_ratio}"
             )
         self.target_abs, self.target_ratio = target, target_ratio
         self.target = target
@@ -135,26 +133,28 @@ class EntropyController(_EntropyTarget):
 
     state_fields = ("coef", "target", "steps", "last_measure", "integral", "initial_entropy")
 
+    @checked_init
     def __init__(
         self,
         objective: str = "entropy",
-        target: float | None = None,
-        target_ratio: float | None = None,
-        initial_coef: float = 0.01,
-        coef_min: float = 1e-4,
-        coef_max: float = 0.1,
-        kp: float = 1.0,
-        ki: float = 0.2,
-        warmup_steps: int = 0,
+        target: PositiveFloat | None = None,
+        target_ratio: PositiveFloat | None = None,
+        initial_coef: PositiveFloat = 0.01,
+        coef_min: PositiveFloat = 1e-4,
+        coef_max: PositiveFloat = 0.1,
+        kp: NonNegativeFloat = 1.0,
+        ki: NonNegativeFloat = 0.2,
+        warmup_steps: NonNegativeInt = 0,
         gate: bool = False,
     ) -> None:
         if target is None and target_ratio is None:
             target_ratio = 1.0  # the reconstruction's default: hold the SFT policy's entropy
         super().__init__(objective, target, target_ratio)
-        if not 0 < coef_min <= initial_coef <= coef_max:
+        if not coef_min <= initial_coef <= coef_max:
             got = f"{coef_min}, {initial_coef}, {coef_max}"
             raise ConfigError(
-                f"trainer.callbacks: EntropyController: need 0 < coef_min <= initial_coef <= coef_max, {got}"
+                f"trainer.callbacks: EntropyController.coef_min / initial_coef / coef_max: "
+                f"need coef_min <= initial_coef <= coef_max, got {got}"
             )
         self.initial_coef, self.coef_min, self.coef_max = initial_coef, coef_min, coef_max
         self.kp, self.ki, self.warmup_steps, self.gate = kp, ki, warmup_steps, gate
@@ -193,19 +193,24 @@ class StepEntropyController(_EntropyTarget):
 
     state_fields = ("coef", "target", "steps", "last_measure", "initial_entropy")
 
+    @checked_init
     def __init__(
         self,
         objective: str = "entropy",
-        target: float | None = None,
-        target_ratio: float | None = None,
-        delta: float = 0.005,
-        coef_min: float = 0.0,
-        coef_max: float = 1.0,
-        initial_coef: float = 0.0,
+        target: PositiveFloat | None = None,
+        target_ratio: PositiveFloat | None = None,
+        delta: PositiveFloat = 0.005,
+        coef_min: NonNegativeFloat = 0.0,
+        coef_max: NonNegativeFloat = 1.0,
+        initial_coef: NonNegativeFloat = 0.0,
     ) -> None:
         if target is None and target_ratio is None:
             target = 0.2  # TRL's default, in nats
         super().__init__(objective, target, target_ratio)
+        if coef_min > coef_max:
+            raise ConfigError(
+                f"trainer.callbacks: StepEntropyController.coef_min: must be <= coef_max ({coef_max}), got {coef_min}"
+            )
         self.delta, self.coef_min, self.coef_max = delta, coef_min, coef_max
         self.coef = initial_coef
 

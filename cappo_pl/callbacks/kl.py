@@ -11,7 +11,7 @@ estimate of KL(pi_old || pi_ref) over the step's rollouts, before the update.
 from __future__ import annotations
 
 from cappo_pl.callbacks.control import WeightController
-from cappo_pl.errors import ConfigError
+from cappo_pl.constraints import PositiveFloat, PositiveInt, checked_init
 
 
 def adaptive_kl_step(beta: float, kl: float, target: float, n_steps: int, horizon: int) -> float:
@@ -40,19 +40,17 @@ class AdaptiveKLController(WeightController):
     coef_key = "train/kl_coef"
     target_key = "train/kl_target"
 
+    @checked_init
     def __init__(
         self,
         objective: str = "kl",
-        init_coef: float = 0.001,
-        target: float = 0.1,
-        horizon: int = 10000,
+        init_coef: PositiveFloat = 0.001,
+        target: PositiveFloat = 0.1,
+        horizon: PositiveInt = 10000,
         gate: bool = False,
     ) -> None:
         super().__init__(objective)
         self.gate = gate
-        if init_coef <= 0 or target <= 0 or horizon <= 0:
-            got = f"{init_coef}, {target}, {horizon}"
-            raise ConfigError(f"trainer.callbacks: AdaptiveKLController: init_coef, target, horizon must be > 0: {got}")
         self.coef, self.target, self.horizon = init_coef, target, horizon
         self._n_steps = 0
 

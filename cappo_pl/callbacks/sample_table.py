@@ -9,6 +9,8 @@ import lightning.pytorch as pl
 from rich.console import Console
 from rich.table import Table
 
+from cappo_pl.constraints import NonNegativeInt, checked_init
+
 
 class SampleTable(pl.Callback):
     """Show and log a few of the step's samples.
@@ -22,7 +24,8 @@ class SampleTable(pl.Callback):
 
     """
 
-    def __init__(self, every_n_steps: int = 25, console: bool = True) -> None:
+    @checked_init
+    def __init__(self, every_n_steps: NonNegativeInt = 25, console: bool = True) -> None:
         self.every_n_steps, self.console = every_n_steps, console
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

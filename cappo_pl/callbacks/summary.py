@@ -10,6 +10,8 @@ import lightning.pytorch as pl
 from rich.console import Console
 from rich.table import Table
 
+from cappo_pl.constraints import PositiveInt, checked_init
+
 ROWS = (
     ("reward (train)", "train/reward/mean"),
     ("accuracy (train)", "train/accuracy"),
@@ -33,7 +35,8 @@ class RunSummary(pl.Callback):
 
     """
 
-    def __init__(self, window: int = 10) -> None:
+    @checked_init
+    def __init__(self, window: PositiveInt = 10) -> None:
         self.window = window
         self.history: dict[str, list[float]] = {}
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from cappo_pl.combiners.base import Combiner, trace_normalised, weighted_gram
 from cappo_pl.combiners.qp import simplex_qp
+from cappo_pl.constraints import NonNegativeFloat, PositiveFloat, checked_init
 
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
@@ -102,15 +103,14 @@ class CAGrad(Combiner):
 
     """
 
+    @checked_init
     def __init__(
         self,
-        c: float = 0.5,
+        c: NonNegativeFloat = 0.5,
         rescale: Literal["none", "1+c^2", "1+c"] = "1+c^2",
         reduction: Literal["sum", "mean"] = "sum",
-        norm_eps: float = 1e-4,
+        norm_eps: PositiveFloat = 1e-4,
     ) -> None:
-        if c < 0:
-            raise ValueError(f"CAGrad c must be >= 0, got {c}")
         self.c, self.rescale, self.reduction, self.norm_eps = c, rescale, reduction, norm_eps
 
     def combine(self, gram: Tensor, weights: Tensor, losses: Tensor | None) -> Tensor:

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from cappo_pl.combiners.base import Combiner, trace_normalised, weighted_gram
 from cappo_pl.combiners.qp import RIDGE, simplex_qp
+from cappo_pl.constraints import NonNegativeFloat, checked_init
 
 Normalization = Literal["none", "l2", "loss", "loss+"]
 Rescale = Literal["none", "first", "mean"]
@@ -84,7 +85,10 @@ class MGDA(Combiner):
 
     """
 
-    def __init__(self, normalization: Normalization = "none", rescale: Rescale = "none", eps: float = 1e-12) -> None:
+    @checked_init
+    def __init__(
+        self, normalization: Normalization = "none", rescale: Rescale = "none", eps: NonNegativeFloat = 1e-12
+    ) -> None:
         self.normalization = normalization
         self.rescale = rescale
         self.eps = eps

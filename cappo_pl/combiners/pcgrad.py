@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from cappo_pl.combiners.base import Combiner, weighted_gram
+from cappo_pl.constraints import checked_init
 from cappo_pl.seeds import generator
 
 
@@ -60,6 +61,7 @@ class PCGrad(Combiner):
 
     """
 
+    @checked_init
     def __init__(self, seed: int = 0, reduction: Literal["sum", "mean"] = "sum") -> None:
         self.seed = seed
         self.reduction = reduction

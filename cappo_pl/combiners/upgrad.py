@@ -19,6 +19,7 @@ from torch import Tensor
 
 from cappo_pl.combiners.base import Combiner, trace_normalised, weighted_gram
 from cappo_pl.combiners.qp import box_qp
+from cappo_pl.constraints import NonNegativeFloat, checked_init
 
 
 def upgrad_coefficients(gram: Tensor, pref: Tensor, reg_eps: float = 0.0) -> Tensor:
@@ -44,7 +45,8 @@ class UPGrad(Combiner):
 
     """
 
-    def __init__(self, reduction: Literal["sum", "mean"] = "sum", reg_eps: float = 0.0) -> None:
+    @checked_init
+    def __init__(self, reduction: Literal["sum", "mean"] = "sum", reg_eps: NonNegativeFloat = 0.0) -> None:
         self.reduction = reduction
         self.reg_eps = reg_eps
 

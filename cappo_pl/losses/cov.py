@@ -17,13 +17,21 @@ tokens with the largest centred covariance over the mini-batch's valid tokens,
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from annotated_types import Interval
 from torch import Tensor
 
+from cappo_pl.constraints import NonNegativeFloat, PositiveFloat, checked_init
+from cappo_pl.errors import ConfigError
 from cappo_pl.losses.aggregation import AggMode, masked_mean
 from cappo_pl.losses.base import PolicyLoss, TokenBatch, TokenLoss
-from cappo_pl.losses.ratio import importance_ratio, log_ratio
+from cappo_pl.losses.ratio import ClipEpsLow, importance_ratio, log_ratio
 from cappo_pl.seeds import generator
+
+TokenFraction = Annotated[float, Interval(gt=0, le=1)]
+"""The fraction of a mini-batch's tokens acted on (at least one token is)."""
 
 
 def token_covariance(logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
@@ -99,16 +107,19 @@ class ClipCov(PolicyLoss):
 
     """
 
+    @checked_init
     def __init__(
         self,
-        ratio: float = 2e-4,
+        ratio: TokenFraction = 2e-4,
         cov_lb: float = 1.0,
         cov_ub: float = 5.0,
-        eps_low: float = 1.0,
-        eps_high: float = 1.0,
+        eps_low: ClipEpsLow = 1.0,
+        eps_high: PositiveFloat = 1.0,
         agg: AggMode = "token-mean",
         seed: int = 0,
     ) -> None:
+        if cov_lb >= cov_ub:
+            raise ConfigError(f"ClipCov.cov_lb: must be < cov_ub ({cov_ub}), got {cov_lb}")
         self.ratio, self.cov_lb, self.cov_ub = ratio, cov_lb, cov_ub
         self.eps_low, self.eps_high, self.agg, self.seed = eps_low, eps_high, agg, seed
 
@@ -130,7 +141,8 @@ class KLCov(PolicyLoss):
 
     """
 
-    def __init__(self, ratio: float = 2e-4, beta: float = 1.0, agg: AggMode = "token-mean") -> None:
+    @checked_init
+    def __init__(self, ratio: TokenFraction = 2e-4, beta: NonNegativeFloat = 1.0, agg: AggMode = "token-mean") -> None:
         self.ratio, self.beta, self.agg = ratio, beta, agg
 
     def token_loss(self, b: TokenBatch) -> TokenLoss:

@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from cappo_pl.errors import ConfigError
+from cappo_pl.constraints import PositiveFloat, checked_init
 from cappo_pl.losses.aggregation import AggMode, masked_mean
 from cappo_pl.losses.base import PolicyLoss, TokenBatch, TokenLoss
 
@@ -159,19 +159,16 @@ class DPPO(PolicyLoss):
 
     """
 
+    @checked_init
     def __init__(
         self,
         divergence: Divergence = "binary_tv",
-        delta_low: float | None = None,
-        delta_high: float | None = None,
-        tis_cap: float = 10.0,
+        delta_low: PositiveFloat | None = None,
+        delta_high: PositiveFloat | None = None,
+        tis_cap: PositiveFloat = 10.0,
         agg: AggMode = "seq-mean-token-sum-norm",
-        loss_scale_factor: float | None = None,
+        loss_scale_factor: PositiveFloat | None = None,
     ) -> None:
-        if divergence not in DEFAULT_DELTA:
-            raise ConfigError(
-                f"model.objectives: loss DPPO: divergence must be one of {sorted(DEFAULT_DELTA)}, got {divergence!r}"
-            )
         self.divergence = divergence
         self.needs_topk = divergence.startswith("topk")
         self.delta_low = DEFAULT_DELTA[divergence] if delta_low is None else delta_low

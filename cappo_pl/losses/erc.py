@@ -19,10 +19,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from cappo_pl.constraints import PositiveFloat, checked_init
 from cappo_pl.errors import ConfigError
 from cappo_pl.losses.aggregation import AggMode, masked_mean
 from cappo_pl.losses.base import PolicyLoss, TokenBatch, TokenLoss
 from cappo_pl.losses.ppo import PPOClip
+from cappo_pl.losses.ratio import ClipEpsLow
 
 
 def entropy_ratio(entropy: Tensor, old_entropy: Tensor) -> Tensor:
@@ -56,7 +58,10 @@ class ERC(PolicyLoss):
 
     """
 
-    def __init__(self, base: PolicyLoss | None = None, beta_low: float = 0.05, beta_high: float = 0.05) -> None:
+    @checked_init
+    def __init__(
+        self, base: PolicyLoss | None = None, beta_low: ClipEpsLow = 0.05, beta_high: PositiveFloat = 0.05
+    ) -> None:
         if base is None:
             base = PPOClip(eps_low=0.2, eps_high=0.28, clip_ratio_c=10.0, agg="token-mean")
         if not isinstance(base, PolicyLoss):

@@ -22,9 +22,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from cappo_pl.constraints import NonNegativeFloat, PositiveFloat, checked_init
 from cappo_pl.losses.aggregation import AggMode
 from cappo_pl.losses.base import PolicyLoss, TokenBatch, TokenLoss
-from cappo_pl.losses.ratio import dual_clip, log_ratio
+from cappo_pl.losses.ratio import ClipEpsLow, DualClipC, dual_clip, log_ratio
 
 
 def gppo_token_loss(
@@ -82,15 +83,16 @@ class GPPO(PolicyLoss):
 
     """
 
+    @checked_init
     def __init__(
         self,
-        beta1: float = 0.5,
-        beta2: float = 1.0,
-        eps_low: float = 0.2,
-        eps_high: float = 0.2,
-        clip_ratio_c: float | None = 10.0,
+        beta1: NonNegativeFloat = 0.5,
+        beta2: NonNegativeFloat = 1.0,
+        eps_low: ClipEpsLow = 0.2,
+        eps_high: PositiveFloat = 0.2,
+        clip_ratio_c: DualClipC | None = 10.0,
         agg: AggMode = "token-mean",
-        loss_scale_factor: float | None = None,
+        loss_scale_factor: PositiveFloat | None = None,
     ) -> None:
         self.beta1, self.beta2, self.eps_low, self.eps_high = beta1, beta2, eps_low, eps_high
         self.clip_ratio_c, self.agg, self.loss_scale_factor = clip_ratio_c, agg, loss_scale_factor

@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from cappo_pl.constraints import PositiveFloat, checked_init
 from cappo_pl.losses.aggregation import AggMode
 from cappo_pl.losses.base import PolicyLoss, TokenBatch, TokenLoss
-from cappo_pl.losses.ratio import dual_clip, log_ratio
+from cappo_pl.losses.ratio import ClipEpsLow, DualClipC, dual_clip, log_ratio
 
 
 def ppo_clip_token_loss(
@@ -68,13 +69,14 @@ class PPOClip(PolicyLoss):
 
     """
 
+    @checked_init
     def __init__(
         self,
-        eps_low: float = 0.2,
-        eps_high: float = 0.2,
-        clip_ratio_c: float | None = 3.0,
+        eps_low: ClipEpsLow = 0.2,
+        eps_high: PositiveFloat = 0.2,
+        clip_ratio_c: DualClipC | None = 3.0,
         agg: AggMode = "token-mean",
-        loss_scale_factor: float | None = None,
+        loss_scale_factor: PositiveFloat | None = None,
     ) -> None:
         self.eps_low, self.eps_high, self.clip_ratio_c = eps_low, eps_high, clip_ratio_c
         self.agg, self.loss_scale_factor = agg, loss_scale_factor

@@ -5,8 +5,16 @@ Both follow verl's ``compute_policy_loss_vanilla`` (verl-project/verl ``verl/tra
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from annotated_types import Gt, Interval
 from torch import Tensor
+
+ClipEpsLow = Annotated[float, Interval(gt=0, le=1)]
+"""A lower clip epsilon or band: the lower bound ``1 - eps`` of a ratio lies in [0, 1) (1: no bound below)."""
+DualClipC = Annotated[float, Gt(1)]
+"""The dual-clip constant c (> 1)."""
 
 
 def log_ratio(logp: Tensor, old_logp: Tensor) -> Tensor:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from cappo_pl.constraints import NonNegativeFloat, PositiveFloat, checked_init
+from cappo_pl.errors import ConfigError
 from cappo_pl.losses.aggregation import AggMode
 from cappo_pl.losses.base import PolicyLoss, TokenBatch, TokenLoss
-from cappo_pl.losses.ratio import importance_ratio
+from cappo_pl.losses.ratio import ClipEpsLow, importance_ratio
 
 
 def gspo_token_loss(
@@ -87,7 +89,8 @@ class GSPO(PolicyLoss):
 
     agg = "seq-mean-token-mean"
 
-    def __init__(self, eps_low: float = 3e-4, eps_high: float = 4e-4) -> None:
+    @checked_init
+    def __init__(self, eps_low: ClipEpsLow = 3e-4, eps_high: PositiveFloat = 4e-4) -> None:
         self.eps_low, self.eps_high = eps_low, eps_high
 
     def token_loss(self, b: TokenBatch) -> TokenLoss:
@@ -105,13 +108,16 @@ class CISPO(PolicyLoss):
 
     """
 
+    @checked_init
     def __init__(
         self,
-        ratio_min: float | None = None,
-        ratio_max: float = 5.0,
+        ratio_min: NonNegativeFloat | None = None,
+        ratio_max: PositiveFloat = 5.0,
         agg: AggMode = "token-mean",
-        loss_scale_factor: float | None = None,
+        loss_scale_factor: PositiveFloat | None = None,
     ) -> None:
+        if ratio_min is not None and ratio_min > ratio_max:
+            raise ConfigError(f"CISPO.ratio_min: must be <= ratio_max ({ratio_max}), got {ratio_min}")
         self.ratio_min, self.ratio_max, self.agg, self.loss_scale_factor = ratio_min, ratio_max, agg, loss_scale_factor
 
     def token_loss(self, b: TokenBatch) -> TokenLoss:
@@ -127,7 +133,8 @@ class GPG(PolicyLoss):
 
     """
 
-    def __init__(self, agg: AggMode = "token-mean", loss_scale_factor: float | None = None) -> None:
+    @checked_init
+    def __init__(self, agg: AggMode = "token-mean", loss_scale_factor: PositiveFloat | None = None) -> None:
         self.agg, self.loss_scale_factor = agg, loss_scale_factor
 
     def token_loss(self, b: TokenBatch) -> TokenLoss:
