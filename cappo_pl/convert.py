@@ -6,6 +6,9 @@ The base folder supplies the architecture and tokenizer (``model.policy.path``, 
 built-in model); the checkpoint's ``policy.*`` weights replace its weights. ZeRO-2/3 shards are consolidated in
 fp32 by DeepSpeed's own ``zero_to_fp32`` (through Lightning), FSDP shard folders by torch.distributed.checkpoint
 (model entries only). LoRA adapters are merged into the weights.
+
+Every file this module opens itself is loaded with ``weights_only=True`` (``cappo_pl.checkpointing.safe_load``);
+DeepSpeed's shards are read by DeepSpeed's own consolidation, which does not offer that.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from cappo_pl.checkpointing import safe_load, verify_checkpoint
 from cappo_pl.errors import CappoError, ConfigError
 from cappo_pl.models import load_pretrained
 
@@ -40,21 +44,21 @@ def checkpoint_state(ckpt: str | Path) -> dict[str, torch.Tensor]:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "consolidated.pt"
             convert_zero_checkpoint_to_fp32_state_dict(path, out)
-            return torch.load(out, map_location="cpu", weights_only=False)["state_dict"]
+            return safe_load(out, "--ckpt")["state_dict"]
     if not path.is_file():
         raise ConfigError(f"--ckpt: {path} is neither a checkpoint file nor a ZeRO or FSDP checkpoint folder")
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return safe_load(path, "--ckpt")["state_dict"]
 
 
 def checkpoint_extras(ckpt: str | Path) -> dict:
     """The checkpoint's other entries (loops, callbacks, our ``cappo_*`` keys), without loading the weights twice."""
     path = Path(ckpt)
     if path.is_dir() and (path / "meta.pt").is_file():  # FSDP: Lightning writes them next to the shards
-        return torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+        return safe_load(path / "meta.pt", "--ckpt")
     if path.is_dir():  # DeepSpeed: the client state sits in the model-states file
         states = sorted((path / "checkpoint").glob("mp_rank_*_model_states.pt"))
-        return torch.load(states[0], map_location="cpu", weights_only=False) if states else {}
-    return torch.load(path, map_location="cpu", weights_only=False)
+        return safe_load(states[0], "--ckpt", mmap=True) if states else {}
+    return safe_load(path, "--ckpt", mmap=True)
 
 
 def merge_lora(policy: dict[str, torch.Tensor], r: int, alpha: float) -> dict[str, torch.Tensor]:
@@ -90,9 +94,11 @@ def checkpoint_to_hf(ckpt: str | Path, base: str | Path, out: str | Path) -> Pat
     LoRA adapters are merged into the weights (``merge_lora``, with the ``r`` and ``alpha`` the run saved).
 
     Raises:
+        CheckpointError: a missing, truncated or tampered checkpoint (one line naming it).
         ConfigError: a LoRA checkpoint without its settings, or weights that do not fit the base architecture.
 
     """
+    verify_checkpoint(ckpt, "--ckpt")
     state = checkpoint_state(ckpt)
     policy = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
     if any(".lora_" in k for k in policy):
