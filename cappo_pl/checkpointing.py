@@ -16,6 +16,7 @@ import contextlib
 import os
 import pickle
 import re
+import secrets
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -110,6 +111,8 @@ def verify_checkpoint(path: str | Path, flag: str = "--ckpt_path") -> dict[str, 
     path = Path(path)
     if path.is_dir():
         _check_folder(path, flag)
+        if (path / "meta.pt").is_file():  # FSDP: Lightning's state next to the shards (DeepSpeed's: its own format)
+            safe_load(path / "meta.pt", flag, mmap=True)
         return None
     ckpt = safe_load(path, flag, mmap=True)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
@@ -140,7 +143,7 @@ def _glob_escape(name: str) -> str:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` whose saves are atomic and whose loads are ``weights_only`` (safe).
 
-    A save writes ``<name>.partial-<pid>`` in the target's folder (not a ``*.ckpt`` name, so Lightning never
+    A save writes ``<name>.partial-<pid>-<random>`` in the target's folder (not a ``*.ckpt`` name, so Lightning never
     takes it for a checkpoint), flushes and fsyncs it, renames it over the target and fsyncs the folder: the
     target is always the old or the new checkpoint, never half of one. Partial files that earlier, killed saves
     of the same target left behind are removed after the next successful one.
@@ -156,7 +159,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
+        # pid and a random part: two writers sharing a folder (containers, both pid 1) never share a temp file
+        tmp = path.with_name(f"{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
         try:
             with tmp.open("wb") as f:
                 self.write(checkpoint, f)

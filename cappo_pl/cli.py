@@ -6,10 +6,8 @@ import os
 import sys
 import typing
 
-from cappo_pl.errors import CappoError, ConfigError
-
-# Flags that name a config file (LightningCLI's ActionConfigFile).
-_CONFIG_FLAGS = ("--config", "-c")
+from cappo_pl.config_sources import CONFIG_FLAGS as _CONFIG_FLAGS
+from cappo_pl.errors import CappoError, ConfigError, Interrupted
 
 
 def _offline_env() -> None:
@@ -215,8 +213,8 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             # Our own pass first: it knows which file:line set each value, jsonargparse does not.
             argv = list(sys.argv[1:] if args is None else args)
             subparsers = getattr(self, "_subcommand_parsers", None)  # none when built with run=False
-            if {"-h", "--help"} & set(argv):
-                pass
+            if {"-h", "--help"} & set(argv) or any(a.partition("=")[0].endswith(".help") for a in argv):
+                pass  # help of the parser or of a class (--model.advantage.help GRPO): jsonargparse prints it
             elif not subparsers:
                 check_args(argv, parser)
             elif argv and argv[0] in subparsers:
@@ -255,6 +253,8 @@ def build_cli(args: list[str] | None = None, run: bool = True):
         RLModule,
         RLDataModule,
         parser_class=_OneLineParser,
+        # no prefixes of option names: a typo must not silently match another key (nor --conf skip base: layers)
+        parser_kwargs={"allow_abbrev": False},
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         args=args,
@@ -285,6 +285,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             # args=None lets LightningCLI read sys.argv itself (it warns when given both).
             build_cli(None if argv is None else args)
+    except KeyboardInterrupt:  # before training started (SFT, checks); during it GracefulInterrupt answers
+        print("error: interrupted before training started; nothing was saved", file=sys.stderr)
+        sys.exit(130)
     except CappoError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if not isinstance(err, Interrupted) or os.environ.get("LOCAL_RANK", "0") == "0":  # one line, not one per rank
+            print(f"error: {err}", file=sys.stderr)
         sys.exit(getattr(err, "exit_code", 2))

@@ -6,10 +6,11 @@ constraints its annotation declares (``cappo_pl.constraints``). An error is one 
 (or the command line) that set the value, the full key path and the fix::
 
     configs/x.yaml:4: model.optim.lrr: unknown key (did you mean 'lr'?)
-    command line --model.optim.lr: model.optim.lr: must be > 0, got -1.0
+    command line: model.rollout.group_size: must be > 0, got 0
 
-The pass refuses only what it is sure of: a class it cannot import, a parameter without a type hint or a
-type it does not model is left to jsonargparse, which parses the same config next.
+The pass refuses only what it is sure of: a class it cannot import, a class taking ``**kwargs``, a parameter
+without a type hint or of a type it does not model, a flag into a list (``+=``) or into a class given by a short
+name is left to jsonargparse, which parses the same config next (and the class checks its ranges when built).
 """
 
 from __future__ import annotations
@@ -24,11 +25,10 @@ from typing import Any, Literal
 
 import yaml
 
-from cappo_pl.config_sources import Path, RawConfig
+from cappo_pl.config_sources import CLASS_KEYS, Path, RawConfig
 from cappo_pl.constraints import union_members, violation
 from cappo_pl.errors import ConfigError
 
-_CLASS_KEYS = ("class_path", "init_args", "dict_kwargs")
 _SCALARS = (int, float, bool, str, type(None))
 
 
@@ -118,10 +118,14 @@ def _coerce(value: Any, tp: Any) -> Any:
     return loaded
 
 
+def _is_scalar_type(tp: Any) -> bool:
+    return all(m in _SCALARS or typing.get_origin(m) is Literal for m in _members(tp))
+
+
 def _type_problem(value: Any, tp: Any) -> str | None:
     """Why ``value`` is not of scalar type ``tp`` (None when it is, or when ``tp`` is not a plain scalar type)."""
     members = _members(tp)
-    if not all(m in _SCALARS or typing.get_origin(m) is Literal for m in members):
+    if not _is_scalar_type(tp):
         return None
     for m in members:
         if typing.get_origin(m) is Literal or m is str:
@@ -153,8 +157,12 @@ class _Checker:
             return
         if value is None:
             return
-        if isinstance(value, str) and not any(m is str or typing.get_origin(m) is Literal for m in _members(tp)):
+        if isinstance(value, str) and str not in _members(tp):
+            if _is_scalar_type(tp) and (_type_problem(value, tp) or violation(value, tp)) is None:
+                return  # a string that is itself valid (a Literal choice such as 'bf16-mixed')
             value = _coerce(value, tp)  # a command-line string: read as jsonargparse would (YAML, numbers)
+            if value is None:
+                return
         cls = self.class_of(value, tp)
         if cls is not None:
             self.class_node(value, cls, path)
@@ -188,7 +196,7 @@ class _Checker:
         init_args = value.get("init_args")
         if isinstance(init_args, dict):
             self.params(init_args, cls, (*path, "init_args"))
-        rest = {k: v for k, v in value.items() if k not in _CLASS_KEYS}
+        rest = {k: v for k, v in value.items() if k not in CLASS_KEYS}
         self.params(rest, cls, path)
 
     def params(self, params: dict[str, Any], cls: type, path: Path) -> None:

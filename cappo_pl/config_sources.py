@@ -18,7 +18,8 @@ from cappo_pl.errors import ConfigError
 
 Path = tuple[str | int, ...]
 CONFIG_FLAGS = ("--config", "-c")
-_CLASS_KEYS = ("class_path", "init_args", "dict_kwargs")
+CLASS_KEYS = ("class_path", "init_args", "dict_kwargs")
+"""The keys of a ``class_path`` node that are not the class's own arguments."""
 
 
 @dataclass
@@ -43,6 +44,8 @@ def _yaml_lines(node: yaml.Node, where: str, path: Path = ()) -> dict[Path, int]
         seen: dict[str, int] = {}
         for key_node, value_node in node.value:
             key, line = key_node.value, key_node.start_mark.line + 1
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # '<<: *anchor' merges keys a later key may override: not a duplicate
             if key in seen:
                 raise ConfigError(f"{where}:{line}: duplicate key '{key}' (first at line {seen[key]})")
             seen[key] = line
@@ -60,6 +63,8 @@ def load_yaml(text: str, where: str) -> tuple[Any, dict[Path, int]]:
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
+        # lines first: constructing flattens '<<' merges into the node, which would read as duplicate keys
+        lines = _yaml_lines(node, where) if node is not None else {}
         value = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
@@ -68,7 +73,7 @@ def load_yaml(text: str, where: str) -> tuple[Any, dict[Path, int]]:
         raise ConfigError(f"{where}{line}: not valid YAML ({problem})") from None
     finally:
         loader.dispose()
-    return value, (_yaml_lines(node, where) if node is not None else {})
+    return value, lines
 
 
 def _is_class_node(node: Any) -> bool:
@@ -143,12 +148,15 @@ class _Sources:
         path: Path = ()
         parts = key.split(".")
         for i, part in enumerate(parts):
-            if _is_class_node(node) and part not in _CLASS_KEYS:
+            if _is_class_node(node) and part not in CLASS_KEYS:
                 node = node.setdefault("init_args", {})
                 path = (*path, "init_args")
             if not isinstance(node, dict):
                 return  # a flag into a list or a scalar: left to jsonargparse
             if i == len(parts) - 1:
+                if part == "class_path" and _is_class_node(node) and node["class_path"] != value:
+                    node.clear()  # another class: the old one's init_args do not carry over
+                    _drop_origins(self.raw.origins, path[:-1] if path[-1:] == ("init_args",) else path)
                 old = node.get(part)
                 if _is_class_node(old) and _looks_like_class_path(value):
                     node[part] = {"class_path": value} if value != old["class_path"] else old
@@ -186,7 +194,7 @@ def read_sources(args: list[str]) -> RawConfig:
             continue
         flag, eq, value = arg.partition("=")
         if not eq:
-            if i >= len(args) or args[i].startswith("--"):
+            if i >= len(args) or (args[i].startswith("-") and not _is_number(args[i])):
                 continue  # a bare switch (--print_config, --help)
             value, i = args[i], i + 1
         if flag in CONFIG_FLAGS:
@@ -199,6 +207,14 @@ def read_sources(args: list[str]) -> RawConfig:
         elif flag.startswith("--") and flag != "--base":
             sources.add_flag(flag[2:], value)
     return sources.raw
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_yaml(text: str) -> bool:

@@ -74,6 +74,8 @@ def violation(value: Any, tp: Any) -> str | None:
     """
     if typing.get_origin(tp) is Annotated:
         inner, *metadata = typing.get_args(tp)
+        if isinstance(value, bool) and inner in (int, float):
+            return "must be a number, not a boolean"
         problem = violation(value, inner)
         if problem is None and _is_number(value):
             problem = next((p for m in metadata if (p := _bound_violation(value, m))), None)
@@ -82,6 +84,10 @@ def violation(value: Any, tp: Any) -> str | None:
     if members is not None:
         if value is None and type(None) in members:
             return None
+        literals = [m for m in members if typing.get_origin(m) is Literal]
+        if literals and len(literals) == len([m for m in members if m is not type(None)]):
+            # one set of choices, however the annotation splits them (Lightning's precision is 3 Literals)
+            return violation(value, Literal[tuple(c for m in literals for c in typing.get_args(m))])
         problems = [violation(value, m) for m in members if m is not type(None)]
         return None if any(p is None for p in problems) else problems[0]
     if typing.get_origin(tp) is Literal:

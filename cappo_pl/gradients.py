@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from cappo_pl.combiners.base import Combiner
+from cappo_pl.constraints import check_fields
 from cappo_pl.losses.aggregation import GlobalBatch
 from cappo_pl.scoring import Scores
 
@@ -58,6 +59,9 @@ class GradientConfig:
 
     space: Space = "hidden"
     monitor: bool = True
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass

@@ -9,12 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from cappo_pl.data.records import source_file
 from cappo_pl.errors import DataError
-
-
-def _file_of(source: str) -> str:
-    """``data/train.jsonl:12`` -> ``data/train.jsonl``."""
-    return source.rsplit(":", 1)[0] if ":" in source else source
 
 
 def check_inputs(module: Any, datamodule: Any) -> None:
@@ -33,7 +29,7 @@ def check_inputs(module: Any, datamodule: Any) -> None:
     train = datamodule.task.train_records()
     if cfg.path is None and cfg.sft is not None and not any(r.references for r in train):
         raise DataError(
-            f"{_file_of(train[0].source)}: the SFT warm start (model.policy.sft) needs reference completions, "
+            f"{source_file(train[0].source)}: the SFT warm start (model.policy.sft) needs reference completions, "
             "but no record has field 'references' (add them, or set model.policy.sft=null to start from random "
             "weights, or model.policy.path to a trained model)"
         )

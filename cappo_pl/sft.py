@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from cappo_pl.data.records import Record, reward_fields
+from cappo_pl.data.records import Record, reward_fields, source_file
 from cappo_pl.errors import DataError
 from cappo_pl.models import SFTConfig, TinyModelConfig, build_char_tokenizer, build_tiny_model
 from cappo_pl.rewards.base import RewardFn, call_reward
@@ -83,7 +83,7 @@ def train_sft(tiny: TinyModelConfig, sft: SFTConfig, train: list[Record], log=pr
     model = build_tiny_model(tiny, tokenizer)
     examples = _examples(train, tokenizer)
     if not examples:
-        where = train[0].source.rsplit(":", 1)[0] if train else "the training data"
+        where = source_file(train[0].source) if train else "the training data"
         raise DataError(f"{where}: the SFT warm start needs reference completions (field 'references'), none found")
     gen = generator(sft.seed, "sft_batches")
     opt = torch.optim.AdamW(model.parameters(), lr=sft.lr, weight_decay=0.0, betas=(0.9, 0.98))

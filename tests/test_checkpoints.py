@@ -75,7 +75,8 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_and_the_resume_is_e
         proc.wait()
     ckpts = Path(_log_dir(root, "killed")) / "checkpoints"
     last = ckpts / "last.ckpt"
-    assert [p.name for p in partial_files(last)] == [f"last.ckpt.partial-{proc.pid}"]
+    (partial,) = partial_files(last)
+    assert partial.name.startswith(f"last.ckpt.partial-{proc.pid}-")
     verify_checkpoint(last)
     assert safe_load(last)["global_step"] == 1  # the step-1 file, whole
     assert safe_load(ckpts / "epoch=0-step=2.ckpt")["global_step"] == 2  # saved just before
@@ -171,8 +172,14 @@ def test_loads_through_the_plugin_refuse_code_and_saves_clean_up_old_partials(tm
     os.mkdir(tmp_path / "sharded.ckpt")  # a folder is accepted once its writer finished (marker file)
     with pytest.raises(CheckpointError, match="folder without meta.pt or latest"):
         verify_checkpoint(tmp_path / "sharded.ckpt")
-    (tmp_path / "sharded.ckpt" / "meta.pt").write_bytes(b"")
+    (tmp_path / "sharded.ckpt" / "meta.pt").write_bytes(b"")  # FSDP's meta.pt is loaded (weights_only) too
+    with pytest.raises(CheckpointError, match="meta.pt: truncated or not a checkpoint"):
+        verify_checkpoint(tmp_path / "sharded.ckpt")
+    torch.save({"global_step": 3}, tmp_path / "sharded.ckpt" / "meta.pt")
     verify_checkpoint(tmp_path / "sharded.ckpt")
+    (tmp_path / "ds.ckpt").mkdir()  # DeepSpeed: its `latest` marker only (the shards are DeepSpeed's to read)
+    (tmp_path / "ds.ckpt" / "latest").write_text("checkpoint")
+    verify_checkpoint(tmp_path / "ds.ckpt")
 
 
 def test_safe_trainer_kwargs_keep_a_configured_checkpoint_io_and_add_the_interrupt_callback_once():
@@ -213,9 +220,9 @@ def test_a_second_signal_aborts_at_once_naming_the_newest_checkpoint(tmp_path):
 
 def test_ctrl_c_finishes_the_step_saves_last_ckpt_and_exits_130(tmp_path, sft_cache):
     callbacks = layered_config("grpo.yaml")["trainer"]["callbacks"]
-    for cb in callbacks:  # a checkpoint every step (the signal's cue), no last.ckpt of its own
+    for cb in callbacks:  # a checkpoint every step (the signal's cue), and last.ckpt as configs/ have it
         if cb["class_path"].endswith("ModelCheckpoint"):
-            cb["init_args"] = {"every_n_train_steps": 1, "save_top_k": -1, "save_last": False, "dirpath": None}
+            cb["init_args"] = {"every_n_train_steps": 1, "save_top_k": -1, "save_last": True, "dirpath": None}
     config = tmp_path / "cfg.yaml"
     config.write_text(
         yaml.safe_dump({"base": os.path.join(ROOT, "configs", "grpo.yaml"), "trainer": {"callbacks": callbacks}})
@@ -242,6 +249,10 @@ def test_ctrl_c_finishes_the_step_saves_last_ckpt_and_exits_130(tmp_path, sft_ca
     assert Path(path).name == "last.ckpt" and 1 <= n < steps
     last = safe_load(path)
     assert last["global_step"] == int(found.group(2)) == n
-    # the same state ModelCheckpoint saved at that step boundary (the files test_train resumes from exactly)
+    # the same state ModelCheckpoint saved at that step boundary (the files test_train resumes from exactly): not
+    # re-saved at epoch or train end with the epoch marked done, which a resume would skip the rest of
     step_n = safe_load(Path(path).with_name(f"epoch=0-step={n}.ckpt"))
     assert _same({**last, "callbacks": None}, {**step_n, "callbacks": None})
+    assert sorted(p.name for p in Path(path).parent.iterdir()) == sorted(
+        ["last.ckpt", *(f"epoch=0-step={i}.ckpt" for i in range(1, n + 1))]
+    )  # no last-v1.ckpt, no partial file

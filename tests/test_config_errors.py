@@ -178,3 +178,39 @@ def test_condensed_parser_error_is_one_line():
         "    - Expected a <class 'NoneType'>\n  Given value type: <class 'str'>\n  Given value: abc"
     )
     assert condense_parser_error(dump) == "model.optim.lr: Expected a <class 'float'>. Got value: abc"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--trainer.precision=null"],  # Optional[Literal]: null is a choice
+        ["--trainer.precision", "bf16-mixed"],  # a string choice, and the `--key value` form
+        ["--model.optim.lr", "5e-5"],
+        ["--data.task.class_path=cappo_pl.data.FileTask", "--data.task.train_file=x.jsonl"],  # the old init_args go
+        ["--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor"],
+        ["--model.policy.sft=null", "--trainer.logger=false", "--ckpt_path=null"],
+        ["-c", '{"model": {"seed": 3}}'],  # inline YAML
+    ],
+)
+def test_valid_command_lines_are_not_refused(extra, capsys):
+    from cappo_pl.cli import build_cli
+
+    with pytest.raises(SystemExit) as exc:
+        build_cli(["fit", "--config", os.path.join(ROOT, "configs", "grpo.yaml"), *extra, "--print_config"])
+    assert exc.value.code in (0, None), capsys.readouterr().err
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    merged = tmp_path / "merged.yaml"
+    merged.write_text(
+        f"base: {os.path.join(ROOT, 'configs', 'grpo.yaml')}\n"
+        "model:\n  optim: &opt {lr: 0.001, warmup_steps: 5}\n  policy:\n    sft:\n      <<: *opt\n      lr: 0.003\n"
+    )
+    raw = read_sources(["--config", str(merged)])
+    assert raw.tree["model"]["policy"]["sft"] == {"lr": 0.003, "warmup_steps": 5}
+    assert raw.origin(("model", "policy", "sft", "lr")) == f"{merged}:7"
+
+
+def test_bad_value_in_the_key_value_form(cli_args, tmp_path, capsys):
+    msg = _refused(cli_args(extra=["--model.rollout.group_size", "0"]), tmp_path, capsys)
+    assert msg == "command line: model.rollout.group_size: must be > 0, got 0"

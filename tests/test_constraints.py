@@ -104,10 +104,10 @@ from cappo_pl.errors import ConfigError
         (math.nan, PositiveFloat | None, "must be a finite number"),
         (-1e300, float, None),
         (3, float, None),
-        # bool is not a number: no bound applies (the type is left to jsonargparse)
-        (True, PositiveInt, None),
-        (False, PositiveInt, None),
-        (False, PositiveFloat, None),
+        # bool is not a number: refused where the annotation bounds a number (a plain type is left to jsonargparse)
+        (True, PositiveInt, "must be a number, not a boolean"),
+        (False, PositiveInt, "must be a number, not a boolean"),
+        (False, PositiveFloat, "must be a number, not a boolean"),
         (True, float, None),
         # another type than the annotation's: left to the type checker, never refused here
         ("x", PositiveFloat, None),
@@ -243,7 +243,17 @@ _EXPORTING = (
     "cappo_pl.objectives",
 )
 _DATACLASS_MODULES = ("cappo_pl.optim_config", "cappo_pl.models")
-_EXTRA = (("cappo_pl.rollout", "RolloutConfig"), ("cappo_pl.critic", "CriticConfig"))
+_EXTRA = (
+    ("cappo_pl.rollout", "RolloutConfig"),
+    ("cappo_pl.critic", "CriticConfig"),
+    ("cappo_pl.references", "SRRConfig"),
+    ("cappo_pl.experience", "DynamicSamplingConfig"),
+    ("cappo_pl.experience", "OverlongConfig"),
+    ("cappo_pl.gradients", "GradientConfig"),
+    ("cappo_pl.data.tasks", "SumTask"),
+    ("cappo_pl.data.datamodule", "RLDataModule"),
+    ("cappo_pl.module", "RLModule"),
+)
 
 
 def _config_classes() -> list[type]:

@@ -15,6 +15,7 @@ import csv
 import glob
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -28,11 +29,13 @@ GLOBAL_PROMPTS = 4
 SAME = "--model.rollout.seed_per_prompt=true"
 
 
-def _run(base, sft_cache, name, config, devices, strategy_args=()):
+def _run(base, sft_cache, name, config, devices, strategy_args=(), port=None):
     env = {
         **os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
         "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
     }  # fmt: skip
+    if port is not None:  # runs side by side: each its own rendezvous port
+        env["MASTER_PORT"] = str(port)
     extra = [
         SAME, f"--trainer.devices={devices}", f"--data.prompts_per_step={GLOBAL_PROMPTS // devices}",
         f"--trainer.logger.init_args.name={name}", "--model.overlong.buffer_len=6", *strategy_args,
@@ -59,30 +62,37 @@ def _zero(stage):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, sft_cache):
     base = tmp_path_factory.mktemp("dp_equal")
-    out = {}
+    runs = {}
     # cappo.yaml: MGDA on the exact parameter-space Gram (one all-reduced backward per objective),
     # the entropy controller and the KL term; grpo.yaml: the weighted sum, under DeepSpeed as well.
-    out["cappo", 1] = _run(base, sft_cache, "cappo1", "cappo.yaml", 1)
+    runs["cappo", 1] = ("cappo1", "cappo.yaml", 1)
     ddp = ("--config", os.path.join(ROOT, "configs", "strategy", "ddp.yaml"), "--trainer.accelerator=cpu")
-    out["cappo", "ddp"] = _run(base, sft_cache, "cappo_ddp", "cappo.yaml", 2, ddp)
-    out["grpo", 1] = _run(base, sft_cache, "grpo1", "grpo.yaml", 1)
-    out["grpo", "ddp"] = _run(base, sft_cache, "grpo_ddp", "grpo.yaml", 2, ddp)
+    runs["cappo", "ddp"] = ("cappo_ddp", "cappo.yaml", 2, ddp)
+    runs["grpo", 1] = ("grpo1", "grpo.yaml", 1)
+    runs["grpo", "ddp"] = ("grpo_ddp", "grpo.yaml", 2, ddp)
     for stage in (2, 3):
-        out["grpo", f"zero{stage}"] = _run(base, sft_cache, f"grpo_zero{stage}", "grpo.yaml", 2, _zero(stage))
+        runs["grpo", f"zero{stage}"] = (f"grpo_zero{stage}", "grpo.yaml", 2, _zero(stage))
     fsdp = ("--config", os.path.join(ROOT, "configs", "strategy", "fsdp.yaml"), "--trainer.accelerator=cpu")
-    out["grpo", "fsdp"] = _run(base, sft_cache, "grpo_fsdp", "grpo.yaml", 2, fsdp)
+    runs["grpo", "fsdp"] = ("grpo_fsdp", "grpo.yaml", 2, fsdp)
     # ppo_critic.yaml: GAE whitened over the global batch, the value loss normalised over it, the critic
     # trained and clipped on its own (under DDP it needs find_unused_parameters). One mini-batch per epoch
     # (2 epochs): with several, each rank shuffles its own rows into them, by design not one process's split.
     one = ("--model.ppo.minibatches=1",)
-    out["ppo_critic", 1] = _run(base, sft_cache, "critic1", "ppo_critic.yaml", 1, one)
+    runs["ppo_critic", 1] = ("critic1", "ppo_critic.yaml", 1, one)
     unused = (*ddp, "--trainer.strategy=ddp_find_unused_parameters_true", *one)
-    out["ppo_critic", "ddp"] = _run(base, sft_cache, "critic_ddp", "ppo_critic.yaml", 2, unused)
-    out["ppo_critic", "fsdp"] = _run(base, sft_cache, "critic_fsdp", "ppo_critic.yaml", 2, (*fsdp, *one))
+    runs["ppo_critic", "ddp"] = ("critic_ddp", "ppo_critic.yaml", 2, unused)
+    runs["ppo_critic", "fsdp"] = ("critic_fsdp", "ppo_critic.yaml", 2, (*fsdp, *one))
     # LoRA: the reference is the base with adapters off; under FSDP the adapters are sharded with their layers
     lora = ("--model.policy.lora.r=4", "--model.optim.lr=0.01")
-    out["grpo_lora", 1] = _run(base, sft_cache, "lora1", "grpo.yaml", 1, lora)
-    out["grpo_lora", "fsdp"] = _run(base, sft_cache, "lora_fsdp", "grpo.yaml", 2, (*fsdp, *lora))
+    runs["grpo_lora", 1] = ("lora1", "grpo.yaml", 1, lora)
+    runs["grpo_lora", "fsdp"] = ("lora_fsdp", "grpo.yaml", 2, (*fsdp, *lora))
+    # The first run alone (it may train the shared SFT warm start), then two at a time: a run spends most of
+    # its time importing and starting up on one core, which the other run's work fills.
+    first, *rest = runs
+    out = {first: _run(base, sft_cache, *runs[first])}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {key: pool.submit(_run, base, sft_cache, *runs[key], port=29611 + i) for i, key in enumerate(rest)}
+        out |= {key: future.result() for key, future in futures.items()}
     return out
 
 

@@ -55,6 +55,7 @@ class GracefulInterrupt(pl.Callback):
         self._folder = ""
         self._verbose = True
         self._previous: dict[int, Any] = {}
+        self._launcher: Any = None
 
     # ------------------------------------------------------------------ signal handling
     def _install(self) -> None:
@@ -81,6 +82,9 @@ class GracefulInterrupt(pl.Callback):
 
     def _on_second_signal(self, signum: int, frame: Any) -> None:
         self._restore()
+        if self._launcher is not None and hasattr(self._launcher, "kill"):
+            # the ranks this process launched would otherwise wait in a collective for rank 0 until a timeout
+            self._launcher.kill(signal.SIGKILL)
         newest = newest_checkpoint(self._folder)
         where = f"newest checkpoint {newest}; resume with --ckpt_path {newest}" if newest else "no checkpoint saved"
         name = signal.Signals(signum).name
@@ -91,6 +95,7 @@ class GracefulInterrupt(pl.Callback):
         self.received, self.saved = None, None
         self._folder = checkpoint_dir(trainer)  # now: the log dir is a collective under DDP, a handler cannot ask
         self._verbose = trainer.is_global_zero
+        self._launcher = trainer.strategy.launcher
         self._install()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
@@ -101,13 +106,12 @@ class GracefulInterrupt(pl.Callback):
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
         path = os.path.join(self._folder, "last.ckpt")
+        for cb in trainer.checkpoint_callbacks:
+            if getattr(cb, "save_last", False) and str(getattr(cb, "dirpath", "")) == self._folder:
+                # part of the saved state: the resumed ModelCheckpoint goes on writing last.ckpt, not last-v1.ckpt
+                cb.last_model_path = path
         trainer.save_checkpoint(path, weights_only=False)  # every rank: DeepSpeed and FSDP save collectively
         self.saved = path
-        cb = trainer.checkpoint_callback
-        if cb is not None and hasattr(cb, "_last_checkpoint_saved"):
-            # ModelCheckpoint(save_last=True) would otherwise write last.ckpt again at train end, a few loop
-            # counters later than this step boundary
-            cb._last_checkpoint_saved = path
         trainer.should_stop = True
         trainer.limit_val_batches = 0  # stopping now, not after one more validation pass
 
@@ -117,6 +121,18 @@ class GracefulInterrupt(pl.Callback):
             f"interrupted after {self.steps_done} RL steps (global_step {self.global_step}): saved {self.saved}; "
             f"resume with --ckpt_path {self.saved}"
         )
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.saved is None:
+            return
+        for cb in trainer.checkpoint_callbacks:
+            # Runs before the checkpoint callbacks' own epoch-end (Lightning puts those last). They would save
+            # again here and at train end, with the epoch marked done, and a resume from that file would skip
+            # the rest of the epoch: this step boundary is saved already.
+            if hasattr(cb, "_last_global_step_saved"):
+                cb._last_global_step_saved = trainer.global_step
+            if hasattr(cb, "_last_checkpoint_saved") and not cb._last_checkpoint_saved:
+                cb._last_checkpoint_saved = self.saved
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()

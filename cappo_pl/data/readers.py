@@ -187,7 +187,11 @@ def _read_parquet(path: Path) -> Iterator[Record]:
     if "prompt" not in table.column_names:
         raise DataError(f"{path}:1: missing field 'prompt' (columns: {', '.join(table.column_names)})")
     # Parquet has no lines; row numbers are 1-based like lines.
-    for i, row in enumerate(table.to_pylist(), start=1):
+    try:
+        rows = table.to_pylist()
+    except Exception as err:  # e.g. a struct column with two fields of one name
+        raise DataError(f"{path}: not a readable Parquet file ({_first_line(err)})") from None
+    for i, row in enumerate(rows, start=1):
         where = f"{path}:{i}"
         for key, value in row.items():
             bad = _non_finite(value)

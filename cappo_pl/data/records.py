@@ -26,6 +26,11 @@ class Record:
     source: str = ""
 
 
+def source_file(source: str) -> str:
+    """The file of a ``Record.source`` (``data/train.jsonl:12`` -> ``data/train.jsonl``)."""
+    return source.rsplit(":", 1)[0] if ":" in source else source
+
+
 @dataclass
 class PromptBatch:
     """A batch of prompts.
