@@ -24,8 +24,10 @@ demo: venv
 lint: venv
 	$(VENV)/bin/ruff check cappo_pl cli.py tests bench
 
+# Two workers, each whole test file on one (its module fixtures are shared): most of the suite is subprocess runs
+# that spend their time importing on one core, so two at a time fill the machine's two cores.
 test: venv lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 bench: venv
 	$(PY) bench/step.py
