@@ -84,8 +84,13 @@ def safe_load(path: str | Path, flag: str = "--ckpt_path", mmap: bool = False, m
         raise CheckpointError(f"{flag} {path}: {_reason(err)}") from None
 
 
+def is_complete(path: Path) -> bool:
+    """A checkpoint file, or a sharded folder whose writer wrote its last file (``FOLDER_MARKERS``)."""
+    return path.is_file() or any((path / marker).is_file() for marker in FOLDER_MARKERS)
+
+
 def _check_folder(path: Path, flag: str) -> None:
-    if not any((path / marker).is_file() for marker in FOLDER_MARKERS):
+    if not is_complete(path):
         raise CheckpointError(
             f"{flag} {path}: a folder without {' or '.join(FOLDER_MARKERS)} (an incomplete or not a sharded checkpoint)"
         )

@@ -26,12 +26,9 @@ def checkpoint_dir(trainer: pl.Trainer) -> str:
 
 def newest_checkpoint(folder: str) -> str | None:
     """The most recently written ``*.ckpt`` file or complete sharded folder in ``folder`` (None: none yet)."""
-    from cappo_pl.checkpointing import FOLDER_MARKERS
+    from cappo_pl.checkpointing import is_complete
 
-    def complete(p: Path) -> bool:
-        return p.is_file() or any((p / m).is_file() for m in FOLDER_MARKERS)
-
-    found = [p for p in Path(folder).glob("*.ckpt") if complete(p)]
+    found = [p for p in Path(folder).glob("*.ckpt") if is_complete(p)]
     return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
 
 
