@@ -2,6 +2,7 @@
 
     python bench/contraction.py                      # 4 methods x 3 seeds x 200 RL steps (docs/cappo.md)
     python bench/contraction.py --steps 50 --seeds 0 --methods grpo cappo
+    python bench/contraction.py --lab sum --methods grpo --out runs/lab_sum   # a lab task (configs/lab/)
 
 Every run starts from the same SFT warm start of the built-in task (the seed changes sampling and
 the prompt order, not the SFT policy) and validates every 50 RL steps (SRR over the 18 held-out
@@ -12,6 +13,9 @@ prompts' 216 SFT references; reward/accuracy by sampling). Writes, under ``--out
   its rollouts, before its update; ``val/*`` at step 0 is the initial policy);
 - ``summary.csv`` and ``summary.md``: final reward, accuracy, SRR, entropy and KL, mean +- 95% CI
   (Student t) over seeds; ``configs/``: the exact config of every run.
+
+With ``--lab sum`` or ``--lab path`` every run is layered with ``configs/lab/<lab>.yaml`` (its task, SFT
+start and support metrics: ``val/exact/*``, ``val/hidden/*``, ``train_eval/*``; docs/lab.md).
 
 ``notebooks/contraction.ipynb`` plots these files.
 """
@@ -30,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import yaml
 
-from cappo_pl.cli import merged_config
+from cappo_pl.cli import merge_layers, merged_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,7 +102,15 @@ SUMMARY = (  # label, metric, how the final value is taken
     ("SRR_rel (val)", "val/srr_rel", "last"),
     ("entropy", "train/policy/entropy", "last10"),
     ("KL to ref (k3)", "train/policy/kl_ref", "last10"),
+    # the lab tasks' support metrics (absent elsewhere: n/a)
+    ("exact pass@1 (val)", "val/exact/pass@1", "last"),
+    ("coverage@64 (val)", "val/exact/coverage@64", "last"),
+    ("hidden pass@64 (val)", "val/hidden/pass@64", "last"),
+    ("exact pass@1 (train)", "train_eval/exact/pass@1", "last"),
+    ("coverage@64 (train)", "train_eval/exact/coverage@64", "last"),
+    ("hidden pass@64 (train)", "train_eval/hidden/pass@64", "last"),
 )
+LABS = ("sum", "path")
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
@@ -110,10 +122,17 @@ def _set(cfg: dict, dotted: str, value: object) -> None:
     node[last] = value
 
 
-def run_config(method: str, seed: int, steps: int, out: str, tiny: bool, sft_cache: str | None) -> str:
+def run_config(
+    method: str, seed: int, steps: int, out: str, tiny: bool, sft_cache: str | None, lab: str | None = None
+) -> str:
     """Write the run's config (logger under ``out``, no checkpoints or sample tables) and return its path."""
     path, overrides = METHODS[method]
     cfg = merged_config(os.path.join(ROOT, path))  # the base: layers folded in: a standalone file
+    if lab is not None:  # the lab layer over the method, as `--config <method> --config configs/lab/<lab>.yaml`
+        with open(os.path.join(ROOT, "configs", "lab", f"{lab}.yaml")) as f:
+            own = yaml.safe_load(f)
+        own.pop("base", None)  # base.yaml: already under the method
+        cfg = merge_layers(cfg, own)
     cfg["trainer"]["callbacks"] = [
         cb
         for cb in cfg["trainer"].get("callbacks", [])
@@ -168,10 +187,10 @@ def tidy_rows(method: str, seed: int, metrics_csv: str) -> list[dict[str, object
             if _float(r.get("train/rl_step")) is not None:
                 step = int(float(r["train/rl_step"]))
                 keys = TRAIN_KEYS
-            elif any(k.startswith("val/") and _float(v) is not None for k, v in r.items()):
-                # a validation after (step + 1) updates; the initial SRR (no val/accuracy) is step 0
+            elif any(k.startswith(("val/", "train_eval/")) and _float(v) is not None for k, v in r.items()):
+                # a validation after (step + 1) updates; the initial values (no val/accuracy) are step 0
                 step = int(r["step"]) + 1 if _float(r.get("val/accuracy")) is not None else 0
-                keys = tuple(k for k in r if k.startswith("val/"))
+                keys = tuple(k for k in r if k.startswith(("val/", "train_eval/")))
             else:
                 continue
             for key in keys:
@@ -241,7 +260,7 @@ def tracking(rows: list[dict[str, object]], methods: list[str], start: int = 50)
 
 
 def markdown(table: list[dict[str, object]], methods: list[str]) -> str:
-    labels = [label for label, _, _ in SUMMARY]
+    labels = [label for label, _, _ in SUMMARY if any(t["metric"] == label for t in table)]  # measured ones
     lines = ["| method | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
     for method in methods:
         cells = []
@@ -255,7 +274,7 @@ def markdown(table: list[dict[str, object]], methods: list[str]) -> str:
 def run_all(jobs: list[tuple[str, int]], args, out: str) -> None:
     """Train every (method, seed) run, ``args.jobs`` at a time, each in its own process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    configs = {job: run_config(*job, args.steps, out, args.tiny, args.sft_cache) for job in jobs}
+    configs = {job: run_config(*job, args.steps, out, args.tiny, args.sft_cache, args.lab) for job in jobs}
     # SFT once, before the parallel runs race to build the same cache entry
     subprocess.run(
         [sys.executable, os.path.join(ROOT, "cli.py"), "sft", "--config", configs[jobs[0]]],
@@ -287,6 +306,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/contraction")
     p.add_argument("--tiny", action="store_true", help="tiny model and batches (smoke runs, tests)")
     p.add_argument("--sft-cache", help="override model.policy.sft.cache_dir")
+    p.add_argument("--lab", choices=LABS, help="layer configs/lab/<lab>.yaml over every method (a lab task)")
     p.add_argument("--no-run", action="store_true", help="only rebuild the CSVs and summary from existing logs")
     args = p.parse_args()
     out = os.path.abspath(args.out)

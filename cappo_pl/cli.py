@@ -63,13 +63,13 @@ def config_layers(path: str, _seen: tuple[str, ...] = ()) -> list[str]:
     return [*layers, path]
 
 
-def _merged(low, high):
+def merge_layers(low, high):
     """``high`` over ``low``: dicts key by key; anything else (a list, a class_path that changes) replaced."""
     if not (isinstance(low, dict) and isinstance(high, dict)):
         return high
     if "class_path" in low and "class_path" in high and low["class_path"] != high["class_path"]:
         return high
-    return {**low, **{k: _merged(low[k], v) if k in low else v for k, v in high.items()}}
+    return {**low, **{k: merge_layers(low[k], v) if k in low else v for k, v in high.items()}}
 
 
 def merged_config(path: str) -> dict:
@@ -84,7 +84,7 @@ def merged_config(path: str) -> dict:
     cfg: dict = {}
     for layer in config_layers(path):
         with open(layer) as f:
-            cfg = _merged(cfg, yaml.safe_load(f) or {})
+            cfg = merge_layers(cfg, yaml.safe_load(f) or {})
     cfg.pop("base", None)
     return cfg
 

@@ -14,11 +14,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from cappo_pl.advantages import AdvantageEstimator
 from cappo_pl.critic import CriticConfig
 from cappo_pl.errors import ConfigError
+from cappo_pl.evaluation import EvalConfig
 from cappo_pl.experience import DynamicSamplingConfig, OverlongConfig
 from cappo_pl.gradients import GradientConfig
 from cappo_pl.objectives import Objective
 from cappo_pl.optim_config import PPOConfig
-from cappo_pl.references import SRRConfig
+from cappo_pl.references import SRRConfig, threshold_quantile
 from cappo_pl.rollout import RolloutConfig
 from cappo_pl.strategies import (
     check_critic,
@@ -37,13 +38,16 @@ def check_config(
     dynamic_sampling: DynamicSamplingConfig,
     overlong: OverlongConfig,
     srr: SRRConfig,
+    evaluation: EvalConfig | None = None,
+    val_samples: int = 1,
 ) -> None:
     """Refuse combinations of ``model.*`` blocks that cannot work (ConfigError naming the key).
 
     Raises:
         ConfigError: duplicate objective names; a critic without GAE (or GAE without one); dynamic
             sampling with more mini-batches than a group has rows; an overlong buffer longer than a
-            completion; a Top-K loss without the sampler's top-K logprobs; SRR thresholds outside (0, 1].
+            completion; a Top-K loss without the sampler's top-K logprobs; SRR thresholds outside (0, 1]; a
+            sampled pass@k whose k exceeds the validation samples.
 
     """
     names = [o.name for o in objectives]
@@ -70,10 +74,18 @@ def check_config(
             "model.rollout.top_k_logprobs: DPPO's Top-K divergence needs the sampler's top-K logprobs; "
             "set it > 0 (the paper: 20)"
         )
-    taus = [*srr.thresholds, srr.relative_threshold]
+    fixed = [t for t in srr.thresholds if threshold_quantile(t) is None]  # raises on a bad 'quantile:q'
+    taus = [*fixed, srr.relative_threshold]
     if not srr.thresholds or any(not 0.0 < float(t) <= 1.0 for t in taus):
         # checked here, not in SRRConfig.__post_init__: jsonargparse would bury that error in a Union dump
         raise ConfigError(f"model.srr: thresholds must be in (0, 1], got {list(srr.thresholds)} and {taus[-1]}")
+    if evaluation is not None and evaluation.pass_ks is not None:
+        for i, k in enumerate(evaluation.pass_ks):
+            if k > val_samples:
+                raise ConfigError(
+                    f"model.evaluation.pass_ks[{i}]: pass@{k} needs at least {k} samples per prompt, but "
+                    f"model.val_samples is {val_samples}"
+                )
     if rollout.top_p < 1.0:
         rank_zero_warn(
             "model.rollout.top_p < 1: the recorded behaviour logprobs are those of the full tempered "

@@ -23,10 +23,11 @@ from cappo_pl.constraints import PositiveInt, checked_init
 from cappo_pl.critic import CriticConfig, ValueModel, critic_backward
 from cappo_pl.data.records import PromptBatch, Record
 from cappo_pl.errors import ConfigError
+from cappo_pl.eval_hooks import EvalHooks
+from cappo_pl.evaluation import EvalConfig
 from cappo_pl.experience import DynamicSamplingConfig, OverlongConfig, StepData, collect_experience
 from cappo_pl.gradients import GradientConfig, combined_backward, grad_norm, gram_metrics
 from cappo_pl.losses.aggregation import GlobalBatch
-from cappo_pl.metrics import SupportRetentionRatio
 from cappo_pl.models import (
     PolicyConfig,
     add_lora,
@@ -38,7 +39,7 @@ from cappo_pl.models import (
 )
 from cappo_pl.objectives import Objective, PolicyObjective, objective_losses
 from cappo_pl.optim_config import OptimConfig, PPOConfig, build_optimizer
-from cappo_pl.references import ReferenceSet, SRRConfig
+from cappo_pl.references import ReferenceSet, SRRConfig, srr_metric
 from cappo_pl.rollout import Rollout, RolloutConfig
 from cappo_pl.rollout_worker import RolloutWorker
 from cappo_pl.run_state import RunState
@@ -58,7 +59,7 @@ from cappo_pl.strategies import (
 )
 
 
-class RLModule(SRRHooks, RunState, pl.LightningModule):
+class RLModule(SRRHooks, EvalHooks, RunState, pl.LightningModule):
     """RL fine-tuning of a causal LM with pluggable objectives.
 
     Args:
@@ -75,6 +76,8 @@ class RLModule(SRRHooks, RunState, pl.LightningModule):
         dynamic_sampling: DAPO's dynamic sampling (off by default).
         overlong: DAPO's overlong reward shaping and filtering (off by default).
         srr: the Support Retention Ratio computed in validation (CaPPO).
+        evaluation: support and diversity metrics in validation: sampled pass@k, exact metrics on
+            enumerable tasks, hidden-target pass@k (``cappo_pl.evaluation``).
         monitor_kl: load the reference to log ``train/policy/kl_ref`` even when no objective needs it.
         seed: seed of sampling and mini-batch order (combined with the step index and rank).
 
@@ -96,6 +99,7 @@ class RLModule(SRRHooks, RunState, pl.LightningModule):
         dynamic_sampling: DynamicSamplingConfig | None = None,
         overlong: OverlongConfig | None = None,
         srr: SRRConfig | None = None,
+        evaluation: EvalConfig | None = None,
         monitor_kl: bool = False,
         seed: int = 0,
     ) -> None:
@@ -114,11 +118,14 @@ class RLModule(SRRHooks, RunState, pl.LightningModule):
         self.dynamic_sampling = dynamic_sampling or DynamicSamplingConfig()
         self.overlong = overlong or OverlongConfig()
         self.srr_cfg = srr or SRRConfig()
+        self.eval_cfg = evaluation or EvalConfig()
         check_config(
             self.objectives, self.advantage, critic, self.rollout_cfg, self.ppo, self.dynamic_sampling,
-            self.overlong, self.srr_cfg,
+            self.overlong, self.srr_cfg, self.eval_cfg, val_samples,
         )  # fmt: skip
-        self.srr = SupportRetentionRatio(self.srr_cfg.thresholds, self.srr_cfg.relative_threshold)
+        self.srr, self._srr_taus = srr_metric(self.srr_cfg)  # quantile thresholds: resolved at fit start
+        self._srr_resolved = False
+        self._init_eval()
         self.references: ReferenceSet | None = None
         self.initial_srr: dict[str, float] = {}
         self.skipped_updates = 0
@@ -142,13 +149,20 @@ class RLModule(SRRHooks, RunState, pl.LightningModule):
         dm = dm if dm is not None else self.trainer.datamodule
         return dm.checked_records("train"), dm.checked_records("val")
 
+    def sft_records(self, dm=None) -> list[Record]:
+        """What SFT trains on: the task's ``sft_records()`` where it has them, else the training records."""
+        dm = dm if dm is not None else self.trainer.datamodule
+        task = getattr(dm, "task", None)
+        return task.sft_records() if hasattr(task, "sft_records") else self._records(dm)[0]
+
     def prepare_sft(self, datamodule=None) -> None:
         """Train (or find cached) the SFT warm start of the built-in model on the data's references."""
         cfg = self.policy_cfg
         if cfg.path is None and cfg.sft is not None:
             dm = datamodule if datamodule is not None else self.trainer.datamodule
             train, val = self._records(dm)
-            ensure_sft_checkpoint(cfg.tiny, cfg.sft, train, val, dm.task.reward_fn(), log=print)
+            reward = dm.task.reward_fn()
+            ensure_sft_checkpoint(cfg.tiny, cfg.sft, self.sft_records(dm), val, reward, log=print, eval_train=train)
 
     def prepare_data(self) -> None:
         self.prepare_sft()
@@ -160,7 +174,7 @@ class RLModule(SRRHooks, RunState, pl.LightningModule):
         if cfg.path is not None:
             self.policy = load_pretrained(cfg.path, cfg.dtype)[0]
         elif cfg.sft is not None:
-            folder = f"{cfg.sft.cache_dir}/{sft_cache_key(cfg.tiny, cfg.sft, self._records()[0])}"
+            folder = f"{cfg.sft.cache_dir}/{sft_cache_key(cfg.tiny, cfg.sft, self.sft_records())}"
             self.policy, self.tokenizer = load_pretrained(folder, cfg.dtype)
         else:
             self.policy = build_tiny_model(cfg.tiny, self.tokenizer)
@@ -207,9 +221,11 @@ class RLModule(SRRHooks, RunState, pl.LightningModule):
         if self.reference is not None:
             self.reference.to(self.device)
         self._ensure_references()  # before the first update: the SRR's SFT baseline is the initial policy
+        self._ensure_eval_sets()  # and pi_SFT of every valid answer (enumerable tasks)
 
     def on_validation_start(self) -> None:
         self._ensure_references()
+        self._ensure_eval_sets()
 
     def configure_optimizers(self):
         critic = None
@@ -330,7 +346,7 @@ class RLModule(SRRHooks, RunState, pl.LightningModule):
     def _end_step(self, batch: PromptBatch, step: StepData, updates: list[dict[str, Tensor]], times) -> None:
         """Log the step, keep a few samples for the table, and mark the batch consumed (exact resume)."""
         if batch.index == 0:
-            self._log_initial_srr()
+            self._log_initial()
         self._log_step(batch, step, updates, times)
         exp, group = step.exp, self.rollout_cfg.group_size
         self.last_samples = [
@@ -393,3 +409,16 @@ class RLModule(SRRHooks, RunState, pl.LightningModule):
         self.log("val/response_length/mean", length, batch_size=size, sync_dist=True)
         if self.references is not None:
             self._srr_update(batch)
+        self._eval_update(batch, gen)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_srr_epoch()
+        self._log_eval_epoch()
+
+    def _log_initial(self) -> None:
+        """The initial policy's ``val/srr*``, ``val/exact/*`` and ``train_eval/exact/*`` at RL step 0."""
+        values = {**self._initial_srr_values(), **self._initial_eval_values()}
+        if values and self.trainer.is_global_zero:
+            # straight to the loggers: ``self.log`` would repeat a once-logged value on every later step
+            for logger in self.loggers:
+                logger.log_metrics(values, step=0)  # RL step 0, the first batch

@@ -26,7 +26,7 @@ def check_inputs(module: Any, datamodule: Any) -> None:
     datamodule.check_records(module.tokenizer)
     datamodule.task.reward_fn()
     cfg = module.policy_cfg
-    train = datamodule.task.train_records()
+    train = module.sft_records(datamodule)
     if cfg.path is None and cfg.sft is not None and not any(r.references for r in train):
         raise DataError(
             f"{source_file(train[0].source)}: the SFT warm start (model.policy.sft) needs reference completions, "

@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 from cappo_pl.constraints import NonNegativeInt, PositiveInt, check_fields
 from cappo_pl.data.records import Record
+from cappo_pl.errors import ConfigError
+from cappo_pl.metrics.srr import SupportRetentionRatio, threshold_key
 from cappo_pl.scoring import score_completions
 
 
@@ -26,9 +28,12 @@ class SRRConfig:
 
     enabled: bool = True
     """Compute ``val/srr*`` in every validation."""
-    thresholds: list[Annotated[float, Interval(gt=0, le=1)]] = field(default_factory=lambda: [0.1, 0.01, 0.001])
+    thresholds: list[Annotated[float, Interval(gt=0, le=1)] | str] = field(default_factory=lambda: [0.1, 0.01, 0.001])
     """Per-token probabilities tau; a reference is retained if its mean token logprob >= log(tau).
-    The first is the headline ``val/srr``; each one is logged as ``val/srr@<tau>``. 0.1 (mean token
+    The first is the headline ``val/srr``; each one is logged as ``val/srr@<tau>``. ``quantile:q``
+    (0 < q < 1) sets tau to the q-quantile of the SFT policy's own mean token logprob on the references,
+    as the CaPPO paper defines the SRR (so the initial policy keeps about 1 - q of them); logged as
+    ``val/srr@q<q>``, its tau as ``val/srr_tau@q<q>``. 0.1 (mean token
     logprob >= -2.3, perplexity <= 10) separates kept from dropped completions both for the built-in
     task's 100-token vocabulary (uniform is 0.01) and for LLM-sized ones; 1e-2 and 1e-3 are the looser
     tests the CaPPO reconstruction suggests (docs/reference/algorithms.md section 5)."""
@@ -43,6 +48,52 @@ class SRRConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+
+
+QUANTILE = "quantile:"
+
+
+def threshold_quantile(threshold: float | str, key: str = "model.srr.thresholds") -> float | None:
+    """Q of a ``"quantile:q"`` threshold (None for a fixed probability).
+
+    Raises:
+        ConfigError: a string that is not ``quantile:q`` with 0 < q < 1 (names ``key``).
+
+    """
+    if not isinstance(threshold, str):
+        return None
+    try:
+        q = float(threshold.removeprefix(QUANTILE)) if threshold.startswith(QUANTILE) else float("nan")
+    except ValueError:
+        q = float("nan")
+    if not 0.0 < q < 1.0:
+        raise ConfigError(f"{key}: must be a probability in (0, 1] or 'quantile:q' with 0 < q < 1, got {threshold!r}")
+    return q
+
+
+def srr_metric(
+    cfg: SRRConfig, sft_scores: list[Tensor] | None = None, **kwargs
+) -> tuple[SupportRetentionRatio, dict[str, float]]:
+    """The SRR metric with every threshold resolved, and the tau of each quantile threshold by key.
+
+    A ``quantile:q`` threshold is ``tau = exp(Q_q(s))``, ``s`` the SFT policy's mean token logprobs of all
+    references (``torch.quantile``, linear interpolation); before they exist (``sft_scores`` None) it is a
+    placeholder of 1.0, replaced once they are measured. ``kwargs`` go to the Metric.
+    """
+    scores = torch.cat(sft_scores).to(torch.float64) if sft_scores else None
+    taus, names, resolved = [], [], {}
+    for t in cfg.thresholds:
+        q = threshold_quantile(t)
+        if q is None:
+            taus.append(float(t))
+            names.append(threshold_key(float(t)))
+            continue
+        name = f"q{q:g}"
+        tau = 1.0 if scores is None or not scores.numel() else min(1.0, float(torch.quantile(scores, q).exp()))
+        taus.append(max(tau, 1e-300))  # a quantile of -inf scores: a tau that keeps the (0, 1] contract
+        names.append(name)
+        resolved[f"srr_tau@{name}"] = tau
+    return SupportRetentionRatio(taus, cfg.relative_threshold, names=names, **kwargs), resolved
 
 
 @dataclass
@@ -114,6 +165,56 @@ def reference_logprobs(
         )
         scores = score_completions(model, ids, attn, t, temperature, chunk_tokens)
         out.append((scores.logp, attn[:, -t:]))
+    return out
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    completions: list[str],
+    temperature: float,
+    batch_size: int,
+    chunk_tokens: int,
+    device,
+    max_new_tokens: int | None = None,
+) -> Tensor:
+    """Sequence log-probabilities log pi(y | x): the sum of the completion's token logprobs and EOS's.
+
+    The probability that the sampler (at ``temperature``, no top-p) emits exactly ``completions[i]``
+    and stops, as the exact metrics need (``cappo_pl.metrics.exact``). Teacher-forced in batches by
+    :func:`reference_logprobs`; the token logprobs are float32, their sum float64.
+
+    Args:
+        model: causal LM (put it in eval mode: dropout would change the scores).
+        tokenizer: its tokenizer (the completion is encoded without special tokens, then EOS).
+        prompts: (N) prompt of each completion.
+        completions: (N) completion texts.
+        temperature: the sampling temperature the logits are divided by.
+        batch_size: completions per forward.
+        chunk_tokens: tokens per LM-head chunk.
+        device: where the forwards run.
+        max_new_tokens: the sampler's limit; a completion whose tokens plus EOS exceed it gets
+            ``-inf`` (the sampler can never emit it) without a forward. None: no limit.
+
+    Returns:
+        (N,) float64 on ``device``.
+
+    """
+    out = torch.full((len(completions),), float("-inf"), dtype=torch.float64, device=device)
+    keep = list(range(len(completions)))
+    if max_new_tokens is not None:
+        lengths = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) + 1 for c in completions]  # + EOS
+        keep = [i for i in keep if lengths[i] <= max_new_tokens]
+    if not keep:
+        return out
+    batches = reference_logprobs(
+        model, tokenizer, [prompts[i] for i in keep], [completions[i] for i in keep],
+        temperature, batch_size, chunk_tokens, device,
+    )  # fmt: skip
+    sums = torch.cat([torch.where(mask > 0, logp.double(), 0.0).sum(-1) for logp, mask in batches])  # (len(keep),)
+    out[torch.tensor(keep, device=device)] = sums.to(device)
     return out
 
 

@@ -30,6 +30,11 @@ one stream give distinct seeds. The seed of each stream is its own config's (``m
 | sft_eval         | split (0 train, 1 val)       | SFT's sampled-accuracy check                     |
 | pcgrad_order     | (none)                       | PCGrad's projection order (the combiner's ``seed``) |
 | task_build       | (none)                       | the built-in task's reference picks and split (``data.task.seed``) |
+| hidden_target    | prompt                       | hidden-target subsets (prompt: crc32 of its text) |
+| train_eval_prompts | (none)                   | the training prompts ``train_eval/*`` scores (``evaluation.hidden_seed``) |
+| path_graph       | (none)                       | PathTask's random DAG (``data.task.seed``)        |
+| path_references  | (none)                       | PathTask's Zipf-skewed reference paths            |
+| path_split       | (none)                       | PathTask's held-out pair order                    |
 """
 
 from __future__ import annotations
@@ -70,6 +75,11 @@ STREAMS: dict[str, Callable[..., int]] = {
     "sft_eval": lambda seed, split: seed + split,
     "pcgrad_order": lambda seed: seed,
     "task_build": lambda seed: seed,
+    "hidden_target": lambda seed, prompt: seed * _P + prompt,
+    "train_eval_prompts": lambda seed: seed * _P + 4,
+    "path_graph": lambda seed: seed * _P + 1,
+    "path_references": lambda seed: seed * _P + 2,
+    "path_split": lambda seed: seed * _P + 3,
 }
 
 

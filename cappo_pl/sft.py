@@ -113,9 +113,19 @@ def train_sft(tiny: TinyModelConfig, sft: SFTConfig, train: list[Record], log=pr
 
 
 def ensure_sft_checkpoint(
-    tiny: TinyModelConfig, sft: SFTConfig, train: list[Record], val: list[Record], reward: RewardFn, log=print
+    tiny: TinyModelConfig,
+    sft: SFTConfig,
+    train: list[Record],
+    val: list[Record],
+    reward: RewardFn,
+    log=print,
+    eval_train: list[Record] | None = None,
 ) -> Path:
-    """Return the folder of the SFT checkpoint for this config, training it if it is not cached."""
+    """Return the folder of the SFT checkpoint for this config, training it if it is not cached.
+
+    ``train`` is what SFT trains on; the reported train accuracy is on ``eval_train`` (default ``train``):
+    the RL training prompts, where a task's SFT data holds more (``PathTask``'s 1-hop edges).
+    """
     folder = Path(sft.cache_dir) / sft_cache_key(tiny, sft, train)
     if (folder / "sft_metrics.json").is_file() and (folder / "config.json").is_file():
         metrics = json.loads((folder / "sft_metrics.json").read_text())
@@ -129,7 +139,9 @@ def ensure_sft_checkpoint(
     model, tokenizer = train_sft(tiny, sft, train, log)
     n, seed = sft.eval_samples, sft.seed
     metrics = {
-        "train_accuracy": sampled_accuracy(model, tokenizer, train, reward, n, seed=derive_seed(seed, "sft_eval", 0)),
+        "train_accuracy": sampled_accuracy(
+            model, tokenizer, eval_train or train, reward, n, seed=derive_seed(seed, "sft_eval", 0)
+        ),
         "val_accuracy": sampled_accuracy(model, tokenizer, val, reward, n, seed=derive_seed(seed, "sft_eval", 1)),
         "samples_per_prompt": sft.eval_samples,
     }

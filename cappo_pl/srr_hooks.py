@@ -11,14 +11,14 @@ import torch
 from torch import Tensor
 
 from cappo_pl.data.records import PromptBatch, Record
-from cappo_pl.metrics import SupportRetentionRatio, mean_token_logprob
-from cappo_pl.references import build_reference_set, flatten, reference_logprobs
+from cappo_pl.metrics import mean_token_logprob
+from cappo_pl.references import build_reference_set, flatten, reference_logprobs, srr_metric
 
 
 class SRRHooks:
     """Validation-time SRR for ``RLModule`` (see the module docstring)."""
 
-    def on_validation_epoch_end(self) -> None:
+    def _log_srr_epoch(self) -> None:
         if self.references is not None and self.srr.total > 0:
             for key, value in self.srr.compute_all().items():  # already summed over ranks (exact)
                 self.log(f"val/{key}", value.float(), sync_dist=False)
@@ -33,6 +33,8 @@ class SRRHooks:
 
     def _ensure_references(self) -> None:
         """Build the SRR reference set and score it under the current (initial) policy, once per run."""
+        if self.references is not None and not self._srr_resolved:  # restored from a checkpoint
+            self._resolve_srr_thresholds()
         if not self.srr_cfg.enabled or self.references is not None:
             return
         records = self._val_records()
@@ -50,6 +52,13 @@ class SRRHooks:
         refs.sft_scores = [scores[ids_t == i] for i in range(len(records))]
         self.references = refs
         self.policy.train(was_training)
+        self._resolve_srr_thresholds()
+
+    def _resolve_srr_thresholds(self) -> None:
+        """The SRR metric with its ``quantile:q`` thresholds set from the SFT scores (they are the baseline)."""
+        metric, self._srr_taus = srr_metric(self.srr_cfg, self.references.sft_scores)
+        self.srr = metric.to(self.device)
+        self._srr_resolved = True
 
     def _teacher_force(self, prompts: list[str], comps: list[str]) -> list[tuple[Tensor, Tensor]]:
         return reference_logprobs(
@@ -57,23 +66,23 @@ class SRRHooks:
             self.srr_cfg.batch_size, self.ppo.score_chunk_tokens, self.device,
         )  # fmt: skip
 
-    def _log_initial_srr(self) -> None:
-        """``val/srr*`` of the initial policy at RL step 0, from the scores taken before the first update."""
+    def _initial_srr_values(self) -> dict[str, float]:
+        """``val/srr*`` of the initial policy, from the scores taken before the first update."""
         if self.references is None or not self.references.sft_scores:
-            return
-        # every rank holds the same full set of initial scores, and only rank 0 computes: no collective
+            return {}
+        # every rank holds the same full set of initial scores, and only rank 0 logs: no collective
         # (a sync here would wait forever for the other ranks)
-        metric = SupportRetentionRatio(self.srr_cfg.thresholds, self.srr_cfg.relative_threshold, sync_on_compute=False)
+        metric = srr_metric(self.srr_cfg, self.references.sft_scores, sync_on_compute=False)[0]
         for i, scores in enumerate(self.references.sft_scores):
             if scores.numel():
                 ones = torch.ones(scores.numel(), 1)
                 metric.update(scores[:, None], ones, scores, torch.full((scores.numel(),), i))
-        if metric.total > 0 and self.trainer.is_global_zero:
-            # straight to the loggers: ``self.log`` would repeat a once-logged value on every later step
-            values = {f"val/{k}": float(v) for k, v in metric.compute_all().items()}
-            self.initial_srr = values
-            for logger in self.loggers:
-                logger.log_metrics(values, step=0)  # RL step 0, the first batch
+        if metric.total == 0:
+            return {}
+        values = {f"val/{k}": float(v) for k, v in metric.compute_all().items()}
+        values.update({f"val/{k}": v for k, v in self._srr_taus.items()})
+        self.initial_srr = values
+        return values
 
     def _srr_update(self, batch: PromptBatch) -> None:
         rows = range(batch.index, batch.index + len(batch))

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import random
 from itertools import combinations
-from typing import Annotated
+from typing import Annotated, Literal
 
 from annotated_types import Ge
 
-from cappo_pl.constraints import NonNegativeInt, PositiveInt, checked_init
+from cappo_pl.constraints import NonNegativeInt, PositiveFloat, PositiveInt, checked_init
 from cappo_pl.data.readers import read_records
 from cappo_pl.data.records import Record
+from cappo_pl.data.skew import zipf_draw
 from cappo_pl.errors import ConfigError
 from cappo_pl.rewards.base import RewardFn, RewardFunction, resolve_reward
 from cappo_pl.rewards.builtin import sum_reward
@@ -23,7 +24,17 @@ from cappo_pl.seeds import derive_seed
 
 
 class Task:
-    """Base class of a task: train/val records and the reward."""
+    """Base class of a task: train/val records and the reward.
+
+    Two optional methods, looked up with ``hasattr`` (not defined here, so their absence means "not
+    supported"):
+
+    - ``valid_completions(record) -> list[str]``: enumerable tasks implement this; it returns the
+      full set V(x) of correct completions of ``record`` (each one the reward scores 1.0), so the
+      exact validity of a policy, the sum over V(x) of pi(y | x), can be measured.
+    - ``sft_records() -> list[Record]``: the records the SFT warm start trains on when they differ
+      from ``train_records()`` (e.g. extra auxiliary examples); without it SFT uses ``train_records()``.
+    """
 
     def train_records(self) -> list[Record]:
         """Records the policy trains on."""
@@ -51,7 +62,10 @@ class SumTask(Task):
     """Write N as a sum of ``n_terms`` positive integers: prompt ``"17="``, completion e.g. ``"9+8"``.
 
     N runs over ``[min_n, max_n]``; every ``val_every``-th N is held out for validation. Each prompt
-    gets ``references_per_prompt`` distinct valid completions drawn uniformly (seeded), the SFT data.
+    gets ``references_per_prompt`` SFT reference completions (seeded): distinct valid completions drawn
+    uniformly (``reference_dist="uniform"``), or draws with replacement skewed by a Zipf law over a
+    random ranking of all valid completions (``"zipf"``, see ``cappo_pl.data.skew.zipf_draw``).
+    The task is enumerable: ``valid_completions(record)`` lists every composition.
 
     Args:
         min_n: smallest N (>= n_terms).
@@ -60,6 +74,8 @@ class SumTask(Task):
         references_per_prompt: SFT reference completions per prompt (>= 8 recommended).
         val_every: every val_every-th N goes to validation.
         seed: seed of the reference draw.
+        reference_dist: ``uniform`` (distinct, uniform) or ``zipf`` (skewed, with repeats).
+        zipf_exponent: the Zipf exponent s of ``zipf`` (rank r drawn with probability ~ 1 / r**s).
 
     """
 
@@ -72,11 +88,14 @@ class SumTask(Task):
         references_per_prompt: NonNegativeInt = 12,
         val_every: NonNegativeInt = 5,
         seed: int = 0,
+        reference_dist: Literal["uniform", "zipf"] = "uniform",
+        zipf_exponent: PositiveFloat = 1.0,
     ) -> None:
         if min_n < n_terms or max_n < min_n:
             raise ConfigError(f"data.task: need n_terms <= min_n <= max_n, got {n_terms}, {min_n}, {max_n}")
         self.min_n, self.max_n, self.n_terms = min_n, max_n, n_terms
         self.references_per_prompt, self.val_every, self.seed = references_per_prompt, val_every, seed
+        self.reference_dist, self.zipf_exponent = reference_dist, zipf_exponent
         self._records = self._build()
 
     def _build(self) -> dict[str, list[Record]]:
@@ -84,8 +103,12 @@ class SumTask(Task):
         split: dict[str, list[Record]] = {"train": [], "val": []}
         for i, n in enumerate(range(self.min_n, self.max_n + 1)):
             pool = compositions(n, self.n_terms)
-            picks = rng.sample(pool, min(self.references_per_prompt, len(pool)))
-            refs = ["+".join(map(str, p)) for p in picks]
+            if self.reference_dist == "zipf":
+                answers = ["+".join(map(str, p)) for p in pool]
+                refs = zipf_draw(answers, self.references_per_prompt, self.zipf_exponent, rng)
+            else:  # the original draw, unchanged (cached SFT checkpoints are keyed by these records)
+                picks = rng.sample(pool, min(self.references_per_prompt, len(pool)))
+                refs = ["+".join(map(str, p)) for p in picks]
             rec = Record(
                 prompt=f"{n}=",
                 references=refs,
@@ -104,6 +127,15 @@ class SumTask(Task):
 
     def reward_fn(self) -> RewardFn:
         return sum_reward
+
+    def valid_completions(self, record: Record) -> list[str]:
+        """Every correct completion of ``record``: all compositions of its N as ``"a+b"`` strings.
+
+        These are the canonical forms (the references' format); ``sum_reward`` also accepts spacing
+        and leading zeros (``" 09 + 8"``), which are not listed.
+        """
+        n, k = record.extra["target"], record.extra["n_terms"]
+        return ["+".join(map(str, p)) for p in compositions(n, k)]
 
 
 class FileTask(Task):

@@ -63,6 +63,7 @@ class SupportRetentionRatio(Metric):
     Args:
         thresholds: probabilities tau (0 < tau <= 1); the first is the headline ``srr``.
         relative_threshold: tau_rel of the relative variant.
+        names: the key of each threshold (``srr@<name>``; default ``threshold_key(tau)``).
 
     """
 
@@ -71,10 +72,17 @@ class SupportRetentionRatio(Metric):
     is_differentiable = False
 
     def __init__(
-        self, thresholds: Sequence[float] = (0.1, 0.01, 0.001), relative_threshold: float = 0.1, **kwargs
+        self,
+        thresholds: Sequence[float] = (0.1, 0.01, 0.001),
+        relative_threshold: float = 0.1,
+        names: Sequence[str] | None = None,
+        **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         thresholds = [float(t) for t in thresholds]
+        self.names = list(names) if names is not None else [threshold_key(t) for t in thresholds]
+        if len(self.names) != len(thresholds):
+            raise ValueError(f"SRR: {len(self.names)} names for {len(thresholds)} thresholds")
         if not thresholds or any(not 0.0 < t <= 1.0 for t in [*thresholds, relative_threshold]):
             raise ValueError(f"SRR thresholds must be in (0, 1], got {thresholds} and {relative_threshold}")
         self.thresholds = thresholds
@@ -132,8 +140,8 @@ class SupportRetentionRatio(Metric):
             nan = torch.tensor(float("nan"), dtype=torch.float64)
             ratio = lambda a, b: a / b if b > 0 else nan  # noqa: E731
             out = {"srr": ratio(self.retained[0], self.total)}
-            for i, tau in enumerate(self.thresholds):
-                out[f"srr@{threshold_key(tau)}"] = ratio(self.retained[i], self.total)
+            for i, name in enumerate(self.names):
+                out[f"srr@{name}"] = ratio(self.retained[i], self.total)
             if self.total_rel > 0:
                 out["srr_rel"] = ratio(self.retained_rel, self.total_rel)
             out["srr_per_prompt"] = ratio(self.prompt_fraction_sum, self.prompts)
