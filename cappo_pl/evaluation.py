@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Annotated
 
+from annotated_types import Interval
 from torch import Tensor
 
-from cappo_pl.constraints import NonNegativeInt, PositiveInt, UnitFloat, check_fields
+from cappo_pl.constraints import NonNegativeInt, PositiveInt, check_fields
 from cappo_pl.metrics.hidden import HiddenTarget
 from cappo_pl.seeds import derive_seed
 
@@ -37,7 +39,7 @@ class EvalConfig:
     exact_ks: list[PositiveInt] = field(default_factory=lambda: [1, 8, 64])
     """k of ``val/exact/pass@<k>``, ``distinct@<k>``, ``coverage@<k>`` and ``val/hidden/pass@<k>`` (closed
     forms: any k)."""
-    support_eps: list[UnitFloat] = field(default_factory=lambda: [1e-3])
+    support_eps: list[Annotated[float, Interval(gt=0, le=1)]] = field(default_factory=lambda: [1e-3])
     """eps of ``val/exact/support_kept@<eps>``: of the answers with pi_SFT(y) >= eps, the fraction with pi(y) >= eps."""
     hidden: HiddenTarget | None = None
     """The hidden-target verifier (``RandomAnswers``, ``RareAnswers``, ``EdgeFailure``); None: no ``*/hidden/*``."""

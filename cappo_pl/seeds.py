@@ -31,7 +31,7 @@ one stream give distinct seeds. The seed of each stream is its own config's (``m
 | pcgrad_order     | (none)                       | PCGrad's projection order (the combiner's ``seed``) |
 | task_build       | (none)                       | the built-in task's reference picks and split (``data.task.seed``) |
 | hidden_target    | prompt                       | hidden-target subsets (prompt: crc32 of its text) |
-| train_eval_prompts | (none)                   | the training prompts ``train_eval/*`` scores (``evaluation.hidden_seed``) |
+| train_eval_prompts | (none)                   | the training prompts ``train_eval/*`` scores      |
 | path_graph       | (none)                       | PathTask's random DAG (``data.task.seed``)        |
 | path_references  | (none)                       | PathTask's Zipf-skewed reference paths            |
 | path_split       | (none)                       | PathTask's held-out pair order                    |
