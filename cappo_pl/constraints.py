@@ -88,8 +88,13 @@ def violation(value: Any, tp: Any) -> str | None:
         if literals and len(literals) == len([m for m in members if m is not type(None)]):
             # one set of choices, however the annotation splits them (Lightning's precision is 3 Literals)
             return violation(value, Literal[tuple(c for m in literals for c in typing.get_args(m))])
-        problems = [violation(value, m) for m in members if m is not type(None)]
-        return None if any(p is None for p in problems) else problems[0]
+        # a member that is another class than the value's (``str`` for a number) has nothing to say about it
+        applicable = [
+            m for m in members
+            if m is not type(None) and not (isinstance(m, type) and m not in (int, float) and not isinstance(value, m))
+        ]  # fmt: skip
+        problems = [violation(value, m) for m in applicable]
+        return None if not problems or any(p is None for p in problems) else problems[0]
     if typing.get_origin(tp) is Literal:
         choices = typing.get_args(tp)
         return None if value in choices else f"must be one of {', '.join(map(repr, choices))}"
