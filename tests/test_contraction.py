@@ -62,13 +62,34 @@ def test_runner_writes_tidy_logs_and_summary(logs):
     assert (logs / "summary.md").read_text().startswith("| method |")
 
 
-def test_contraction_notebook_executes_on_the_logs(logs, tmp_path):
+@pytest.fixture(scope="module")
+def lab_logs(tmp_path_factory):
+    """A short GRPO run on the lab's sum task (configs/lab/sum.yaml layered by --lab)."""
+    out = tmp_path_factory.mktemp("lab")
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "contraction.py"), "--tiny", "--lab", "sum", "--steps", "2",
+         "--seeds", "0", "--methods", "grpo", "--jobs", "1", "--out", str(out), "--sft-cache", str(out / "sft")],
+        check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    return out
+
+
+def test_lab_runs_log_the_exact_metrics_from_step_0(lab_logs):
+    rows = _read(lab_logs / "metrics_long.csv")
+    for key in ("val/exact/pass@1", "val/exact/coverage@64", "val/hidden/pass@64", "train_eval/exact/coverage@64"):
+        steps = sorted(int(r["step"]) for r in rows if r["metric"] == key)
+        assert steps[0] == 0 and steps[-1] == 2, key  # the SFT policy, ..., after the last update
+    labels = {r["metric"] for r in _read(lab_logs / "summary.csv")}
+    assert {"exact pass@1 (val)", "coverage@64 (val)", "hidden pass@64 (train)"} <= labels
+
+
+def _execute_notebook(logs, tmp_path, **extra_env):
     nbformat = pytest.importorskip("nbformat")
     from nbclient import NotebookClient
 
     nb = nbformat.read(os.path.join(ROOT, "notebooks", "contraction.ipynb"), as_version=4)
     fig = tmp_path / "contraction.svg"
-    env = {"CONTRACTION_DIR": str(logs), "CONTRACTION_FIG": str(fig)}
+    env = {"CONTRACTION_DIR": str(logs), "CONTRACTION_FIG": str(fig), **extra_env}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -81,7 +102,29 @@ def test_contraction_notebook_executes_on_the_logs(logs, tmp_path):
             else:
                 os.environ[k] = v
     assert fig.exists() and fig.stat().st_size > 1000
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+
+
+def test_contraction_notebook_executes_on_the_logs(logs, tmp_path):
+    text = _execute_notebook(logs, tmp_path)
+    assert "no exact metrics in these logs: no Pareto panel" in text
     assert "mean ± 95% CI" in text
     for method in contraction.EXPERIMENT:
         assert method in text
+
+
+def test_contraction_notebook_draws_the_pareto_panel_on_lab_logs(lab_logs, tmp_path):
+    pareto = tmp_path / "pareto.svg"
+    text = _execute_notebook(lab_logs, tmp_path, PARETO_FIG=str(pareto))
+    assert pareto.exists() and pareto.stat().st_size > 1000
+    # one trajectory line per panel: val and train_eval, coverage@64 and hidden pass@64
+    lines = [line.split() for line in text.splitlines() if line.strip().startswith("grpo ") and "->" in line]
+    assert {(w[1], w[5]) for w in lines} == {
+        ("val/exact/pass@1", "val/exact/coverage@64"), ("val/exact/pass@1", "val/hidden/pass@64"),
+        ("train_eval/exact/pass@1", "train_eval/exact/coverage@64"),
+        ("train_eval/exact/pass@1", "train_eval/hidden/pass@64"),
+    }  # fmt: skip
+    rows = _read(lab_logs / "metrics_long.csv")
+    start = [float(r["value"]) for r in rows if r["metric"] == "val/exact/pass@1" and r["step"] == "0"]
+    (val_line,) = [w for w in lines if w[5] == "val/exact/coverage@64"]
+    assert float(val_line[2]) == pytest.approx(start[0], abs=5e-4)  # printed with 3 decimals
