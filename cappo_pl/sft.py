@@ -138,11 +138,14 @@ def ensure_sft_checkpoint(
     torch.manual_seed(derive_seed(sft.seed, "sft_init"))
     model, tokenizer = train_sft(tiny, sft, train, log)
     n, seed = sft.eval_samples, sft.seed
+    # room for the longest reference + EOS (PathTask's paths are 17 characters); 16 as before for short ones
+    longest = max(len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for r in train for ref in r.references)
+    budget = max(16, longest + 2)
     metrics = {
         "train_accuracy": sampled_accuracy(
-            model, tokenizer, eval_train or train, reward, n, seed=derive_seed(seed, "sft_eval", 0)
+            model, tokenizer, eval_train or train, reward, n, derive_seed(seed, "sft_eval", 0), budget
         ),
-        "val_accuracy": sampled_accuracy(model, tokenizer, val, reward, n, seed=derive_seed(seed, "sft_eval", 1)),
+        "val_accuracy": sampled_accuracy(model, tokenizer, val, reward, n, derive_seed(seed, "sft_eval", 1), budget),
         "samples_per_prompt": sft.eval_samples,
     }
     tmp = folder.with_name(folder.name + f".tmp{time.time_ns()}")
