@@ -159,3 +159,20 @@ def test_a_bad_quantile_threshold_is_a_config_error(bad):
     config = os.path.join(ROOT, "configs", "grpo.yaml")
     with pytest.raises(ConfigError, match=r"model\.srr\.thresholds: must be a probability in \(0, 1\] or 'quantile:q'"):
         build_cli(["--config", config, f"--model.srr.thresholds=[{bad}]"], run=False)
+
+
+def test_a_resumed_run_keeps_the_initial_policys_scores(lab_run, sft_cache, tmp_path):
+    _, _, log_dir = lab_run
+    ckpt = os.path.join(log_dir, "checkpoints", "last.ckpt")
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["cappo_eval_sets"]
+    extra = [*LAB, "--trainer.max_epochs=2", f"--ckpt_path={ckpt}"]
+    cli = build_cli(tiny_fit_args("configs/grpo.yaml", sft_cache, tmp_path, steps=2, extra=extra))
+    assert cli.trainer.global_step == 4
+    for split in ("val", "train"):
+        kept = cli.model.eval_sets[split]
+        assert kept.rows == saved[split]["rows"]
+        for now, then in zip(kept.sft_logp, saved[split]["sft_logp"], strict=True):
+            assert torch.equal(now, then)  # not re-scored under the trained policy
+    # the trained policy gives them other scores: the check above could fail
+    moved = cli.model._score_answers("val", cli.model.eval_sets["val"].rows[:1])[0]
+    assert not torch.equal(moved, saved["val"]["sft_logp"][0])
