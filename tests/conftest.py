@@ -105,3 +105,35 @@ def assert_resumed_exactly(full, resumed):
     wa = checkpoint_state(os.path.join(full, "checkpoints", "last.ckpt"))
     wb = checkpoint_state(os.path.join(resumed, "checkpoints", "last.ckpt"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa if k.startswith("policy."))
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (a process group's MASTER_PORT)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_worker(rank, world, port, queue, fn):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        queue.put((rank, fn(rank)))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_gloo_ranks(fn, world=2):
+    """``{rank: fn(rank)}`` with ``fn`` run in ``world`` spawned processes joined in one gloo group.
+
+    ``fn`` must be a module-level function (it is pickled into the spawned processes).
+    """
+    import torch.multiprocessing as mp
+
+    queue = mp.get_context("spawn").Queue()
+    mp.start_processes(_gloo_worker, args=(world, free_port(), queue, fn), nprocs=world, start_method="spawn")
+    return dict(queue.get() for _ in range(world))

@@ -2,15 +2,12 @@
 scores of a tiny model, Monte-Carlo frequencies of its samples, 2-process DDP; the hidden targets."""
 
 import math
-import os
 import random
-import socket
 from fractions import Fraction
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import run_on_gloo_ranks
 from torch import nn
 
 from cappo_pl.data.tasks import compositions
@@ -240,19 +237,10 @@ def _values(metric):
     return {k: float(v) for k, v in metric.compute_all().items()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _metrics_on_rank(rank):
     exact, passk = ExactSupportMetrics(KS, EPS), SampledPassAtK((1, 3, 8))
     _fill(range(0, 7) if rank == 0 else range(7, 11), exact, passk, seed=3)  # uneven shards
-    queue.put((rank, _values(exact), _values(passk)))
-    dist.destroy_process_group()
+    return _values(exact), _values(passk)
 
 
 def test_two_process_ddp_equals_one_process():
@@ -262,10 +250,7 @@ def test_two_process_ddp_equals_one_process():
     assert want_exact["prompts"] == 11 and want_exact["answers"] == sum(x[0].numel() for x in _synthetic(3))
     assert exact.counts[exact.keys.index("hidden/validity")] < 11  # some prompts were left out ...
     assert exact.counts[exact.keys.index("support_kept@1e-02")] < 11  # ... of these averages
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), queue), nprocs=2, start_method="spawn", join=True)
-    results = {rank: (e, p) for rank, e, p in (queue.get() for _ in range(2))}
+    results = run_on_gloo_ranks(_metrics_on_rank)
     for rank in (0, 1):
         got_exact, got_passk = results[rank]
         assert got_exact["prompts"] == 11 and got_exact["answers"] == want_exact["answers"]

@@ -2,13 +2,11 @@
 
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import run_on_gloo_ranks
 from torch import nn
 
 from cappo_pl.metrics import SupportRetentionRatio, threshold_key
@@ -144,21 +142,12 @@ def test_reference_set_uses_data_then_samples_once():
     assert refs.texts == [["x", "y"], ["a", "b"], ["z"]] and refs.sampled == 1 and calls == [["2="]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _srr_on_rank(rank):
     logp, mask, sft, ids = _data(1)
     rows = slice(0, 25) if rank == 0 else slice(25, 40)  # uneven shards, split on a prompt boundary
     metric = SupportRetentionRatio(THRESHOLDS)
     metric.update(logp[rows], mask[rows], sft[rows], ids[rows])
-    queue.put((rank, {k: float(v) for k, v in metric.compute_all().items()}))
-    dist.destroy_process_group()
+    return {k: float(v) for k, v in metric.compute_all().items()}
 
 
 def test_two_process_ddp_equals_one_process():
@@ -166,10 +155,7 @@ def test_two_process_ddp_equals_one_process():
     single = SupportRetentionRatio(THRESHOLDS)
     single.update(logp, mask, sft, ids)
     want = {k: float(v) for k, v in single.compute_all().items()}
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), queue), nprocs=2, start_method="spawn", join=True)
-    results = dict(queue.get() for _ in range(2))
+    results = run_on_gloo_ranks(_srr_on_rank)
     for rank in (0, 1):
         per_prompt = results[rank].pop("srr_per_prompt")  # a float sum of fractions: order-dependent rounding
         assert per_prompt == pytest.approx(want["srr_per_prompt"], abs=1e-15)

@@ -60,7 +60,15 @@ class HiddenTarget:
         raise NotImplementedError
 
 
-class RandomAnswers(HiddenTarget):
+class FractionTarget(HiddenTarget):
+    """A hidden target that accepts a share ``fraction`` of V(x) (``subset_size``), in (0, 1)."""
+
+    @checked_init
+    def __init__(self, fraction: OpenUnitFloat = 0.3) -> None:
+        self.fraction = fraction
+
+
+class RandomAnswers(FractionTarget):
     """S is a uniformly random subset of V(x) with ``max(1, round(fraction * |V|))`` answers.
 
     The fair target: its expected hidden validity is ``|S|/|V|`` times the validity for any policy,
@@ -71,10 +79,6 @@ class RandomAnswers(HiddenTarget):
 
     """
 
-    @checked_init
-    def __init__(self, fraction: OpenUnitFloat = 0.3) -> None:
-        self.fraction = fraction
-
     def select(self, answers: list[str], sft_logp: Tensor, key: str, seed: int) -> Tensor:
         n = len(answers)
         mask = torch.zeros(n, dtype=torch.bool)
@@ -83,7 +87,7 @@ class RandomAnswers(HiddenTarget):
         return mask
 
 
-class RareAnswers(HiddenTarget):
+class RareAnswers(FractionTarget):
     """S is the ``max(1, round(fraction * |V|))`` answers the SFT policy gave the least probability.
 
     Ties are broken by a seeded random order (an exact tie, e.g. answers the sampler can never emit,
@@ -94,10 +98,6 @@ class RareAnswers(HiddenTarget):
         fraction: share of V(x) in S, in (0, 1).
 
     """
-
-    @checked_init
-    def __init__(self, fraction: OpenUnitFloat = 0.3) -> None:
-        self.fraction = fraction
 
     def select(self, answers: list[str], sft_logp: Tensor, key: str, seed: int) -> Tensor:
         n = len(answers)
