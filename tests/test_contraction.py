@@ -120,9 +120,9 @@ def test_contraction_notebook_draws_the_pareto_panel_on_lab_logs(lab_logs, tmp_p
     # one trajectory line per panel: val and train_eval, coverage@64 and hidden pass@64
     lines = [line.split() for line in text.splitlines() if line.strip().startswith("grpo ") and "->" in line]
     assert {(w[1], w[5]) for w in lines} == {
-        ("val/exact/pass@1", "val/exact/coverage@64"), ("val/exact/pass@1", "val/hidden/pass@64"),
+        ("val/exact/pass@1", "val/exact/coverage@64"), ("val/exact/pass@1", "val/hidden/pass@8"),
         ("train_eval/exact/pass@1", "train_eval/exact/coverage@64"),
-        ("train_eval/exact/pass@1", "train_eval/hidden/pass@64"),
+        ("train_eval/exact/pass@1", "train_eval/hidden/pass@8"),
     }  # fmt: skip
     rows = _read(lab_logs / "metrics_long.csv")
     start = [float(r["value"]) for r in rows if r["metric"] == "val/exact/pass@1" and r["step"] == "0"]
