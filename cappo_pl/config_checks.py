@@ -79,6 +79,9 @@ def check_config(
     if not srr.thresholds or any(not 0.0 < float(t) <= 1.0 for t in taus):
         # checked here, not in SRRConfig.__post_init__: jsonargparse would bury that error in a Union dump
         raise ConfigError(f"model.srr: thresholds must be in (0, 1], got {list(srr.thresholds)} and {taus[-1]}")
+    for key in ("pass_ks", "exact_ks", "support_eps"):
+        if evaluation is not None and getattr(evaluation, key) == []:
+            raise ConfigError(f"model.evaluation.{key}: must not be empty (null for the default)")
     if evaluation is not None and evaluation.pass_ks is not None:
         for i, k in enumerate(evaluation.pass_ks):
             if k > val_samples:
@@ -86,6 +89,11 @@ def check_config(
                     f"model.evaluation.pass_ks[{i}]: pass@{k} needs at least {k} samples per prompt, but "
                     f"model.val_samples is {val_samples}"
                 )
+    if rollout.top_p < 1.0 and evaluation is not None and evaluation.exact:
+        rank_zero_warn(
+            "model.rollout.top_p < 1: model.evaluation's exact metrics score the full tempered distribution, "
+            "not the nucleus validation samples from (set model.evaluation.exact=false to drop them)"
+        )
     if rollout.top_p < 1.0:
         rank_zero_warn(
             "model.rollout.top_p < 1: the recorded behaviour logprobs are those of the full tempered "

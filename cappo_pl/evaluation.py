@@ -73,7 +73,8 @@ class PromptSet:
         rows: index of each prompt in its split's records.
         sft_logp: ``sft_logp[i]`` (|V_i|,) float64 log pi_SFT(y) of every valid answer, the initial
             policy's (it cannot be recomputed once training has moved the policy: checkpointed).
-        hidden: ``hidden[i]`` (|V_i|,) bool, the hidden-target subset S_i (None: no hidden target).
+        hidden: ``hidden[i]`` (|V_i|,) bool, the hidden-target subset S_i (None: no hidden target);
+            drawn from the config on every start, not checkpointed.
 
     """
 
@@ -82,8 +83,8 @@ class PromptSet:
     hidden: list[Tensor] | None = None
 
     def state_dict(self) -> dict:
-        return {"rows": self.rows, "sft_logp": self.sft_logp, "hidden": self.hidden}
+        return {"rows": self.rows, "sft_logp": self.sft_logp}
 
     @classmethod
     def from_state(cls, state: dict) -> PromptSet:
-        return cls(state["rows"], state["sft_logp"], state.get("hidden"))
+        return cls(state["rows"], state["sft_logp"])

@@ -8,6 +8,7 @@ head, temperature-scaled logits as in training): no generation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -77,8 +78,9 @@ def srr_metric(
     """The SRR metric with every threshold resolved, and the tau of each quantile threshold by key.
 
     A ``quantile:q`` threshold is ``tau = exp(Q_q(s))``, ``s`` the SFT policy's mean token logprobs of all
-    references (``torch.quantile``, linear interpolation); before they exist (``sft_scores`` None) it is a
-    placeholder of 1.0, replaced once they are measured. ``kwargs`` go to the Metric.
+    references and ``Q_q`` the lower empirical quantile (a score itself, so at least 1 - q of the
+    references score >= it); before they exist (``sft_scores`` None) it is a placeholder of 1.0, replaced
+    once they are measured. ``kwargs`` go to the Metric.
     """
     scores = torch.cat(sft_scores).to(torch.float64) if sft_scores else None
     taus, names, resolved = [], [], {}
@@ -89,7 +91,12 @@ def srr_metric(
             names.append(threshold_key(float(t)))
             continue
         name = f"q{q:g}"
-        tau = 1.0 if scores is None or not scores.numel() else min(1.0, float(torch.quantile(scores, q).exp()))
+        tau = 1.0
+        if scores is not None and scores.numel():
+            log_tau = float(torch.quantile(scores, q, interpolation="lower"))
+            tau = min(1.0, math.exp(log_tau))
+            while tau > 0 and math.log(tau) > log_tau:  # the metric compares with log(tau): keep the boundary score
+                tau = math.nextafter(tau, 0.0)
         taus.append(max(tau, 1e-300))  # a quantile of -inf scores: a tau that keeps the (0, 1] contract
         names.append(name)
         resolved[f"srr_tau@{name}"] = tau
@@ -219,8 +226,11 @@ def sequence_logprobs(
 
 
 def build_reference_set(records: list[Record], cfg: SRRConfig, sampler) -> ReferenceSet:
-    """References per record: the data's, else ``sampler(prompts) -> list[list[str]]`` (once)."""
-    texts = [list(r.references[: cfg.max_per_prompt]) for r in records]
+    """References per record: the data's (distinct), else ``sampler(prompts) -> list[list[str]]`` (once).
+
+    SFT data may repeat a reference (``SumTask``'s Zipf draws): the SRR counts each completion once.
+    """
+    texts = [list(dict.fromkeys(r.references))[: cfg.max_per_prompt] for r in records]
     missing = [i for i, t in enumerate(texts) if not t]
     if missing:
         drawn = sampler([records[i].prompt for i in missing])

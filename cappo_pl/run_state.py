@@ -40,3 +40,6 @@ class RunState:
             self._srr_resolved = False  # its quantile thresholds come from these scores
         if "cappo_eval_sets" in checkpoint:
             self.eval_sets = {split: PromptSet.from_state(s) for split, s in checkpoint["cappo_eval_sets"].items()}
+            self._hidden_drawn = False  # S is drawn from the config of this run
+        else:
+            self._baseline_missing = True
