@@ -74,7 +74,7 @@ class SumTask(Task):
         references_per_prompt: SFT reference completions per prompt (>= 8 recommended).
         val_every: every val_every-th N goes to validation. A divisor of 10 holds out whole last digits
             (5: every N ending in 4 or 9, never seen in training), which the tiny model does not
-            generalize to (exact held-out validity ~0.4); 7 spreads them (~0.88, see the lab notes).
+            generalize to (exact held-out validity ~0.4); 7 spreads them (~0.88; docs/lab.md).
         seed: seed of the reference draw.
         reference_dist: ``uniform`` (distinct, uniform) or ``zipf`` (skewed, with repeats).
         zipf_exponent: the Zipf exponent s of ``zipf`` (rank r drawn with probability ~ 1 / r**s).
