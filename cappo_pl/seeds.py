@@ -75,7 +75,7 @@ STREAMS: dict[str, Callable[..., int]] = {
     "sft_eval": lambda seed, split: seed + split,
     "pcgrad_order": lambda seed: seed,
     "task_build": lambda seed: seed,
-    "hidden_target": lambda seed, prompt: seed * 2**32 + prompt,  # prompt: a crc32, < 2**32
+    "hidden_target": lambda seed, prompt: seed * _P + prompt,  # prompt: a crc32
     "train_eval_prompts": lambda seed: seed * _P + 4,
     "path_graph": lambda seed: seed * _P + 1,
     "path_references": lambda seed: seed * _P + 2,

@@ -137,3 +137,16 @@ def run_on_gloo_ranks(fn, world=2):
     queue = mp.get_context("spawn").Queue()
     mp.start_processes(_gloo_worker, args=(world, free_port(), queue, fn), nprocs=world, start_method="spawn")
     return dict(queue.get() for _ in range(world))
+
+
+def tiny_sft_folder(sft_cache):
+    """The SFT start the ``TINY_ARGS`` runs of the default SumTask share in ``sft_cache`` (other tests add others)."""
+    from cappo_pl.data import SumTask
+    from cappo_pl.models import SFTConfig, TinyModelConfig
+    from cappo_pl.sft import sft_cache_key
+
+    tiny = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    sft = SFTConfig(steps=30, batch_size=32, eval_samples=2, cache_dir=sft_cache)
+    folder = os.path.join(sft_cache, sft_cache_key(tiny, sft, SumTask().train_records()))
+    assert os.path.isfile(os.path.join(folder, "config.json")), folder
+    return folder

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import CLI, ROOT, tiny_fit_args
+from conftest import CLI, ROOT, tiny_fit_args, tiny_sft_folder
 from transformers import AutoModelForCausalLM
 
 from cappo_pl.convert import checkpoint_state
@@ -98,8 +98,7 @@ def runs(tmp_path_factory, sft_cache):
 
 @pytest.fixture(scope="module")
 def sft_start(runs, sft_cache):
-    (folder,) = [os.path.dirname(p) for p in glob.glob(os.path.join(sft_cache, "*", "config.json"))]
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(tiny_sft_folder(sft_cache))
     return {f"policy.{k}": v.float() for k, v in model.state_dict().items()}
 
 
@@ -143,7 +142,7 @@ def test_lora_under_fsdp_trains_adapters_only_and_to_hf_merges_them(runs, sft_st
     _, state, ckpt = runs["grpo_lora", "fsdp"]
     assert all(torch.equal(v, sft_start[k.replace(".base_layer", "")]) for k, v in state.items() if "lora_" not in k)
     assert any(v.abs().max() > 0 for k, v in state.items() if "lora_B" in k)  # B starts at 0: trained
-    (base,) = [os.path.dirname(p) for p in glob.glob(os.path.join(sft_cache, "*", "config.json"))]
+    base = tiny_sft_folder(sft_cache)
     main(["to-hf", "--ckpt", ckpt, "--base", base, "--out", str(tmp_path / "hf")])
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).state_dict()
     # independently: peft's own merge of the same adapters

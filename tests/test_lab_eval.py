@@ -44,10 +44,16 @@ def _rows(log_dir):
 
 
 @pytest.fixture(scope="module")
-def lab_run(sft_cache, tmp_path_factory):
+def lab_cache(tmp_path_factory):
+    """This file's own SFT cache (its tasks differ from the shared cache's default SumTask)."""
+    return str(tmp_path_factory.mktemp("lab_sft"))
+
+
+@pytest.fixture(scope="module")
+def lab_run(lab_cache, tmp_path_factory):
     root = tmp_path_factory.mktemp("lab")
     torch.set_num_threads(1)
-    cli = build_cli(tiny_fit_args("configs/grpo.yaml", sft_cache, root, steps=2, extra=LAB))
+    cli = build_cli(tiny_fit_args("configs/grpo.yaml", lab_cache, root, steps=2, extra=LAB))
     (log_dir,) = glob.glob(str(root / "runs" / "grpo" / "version_*"))
     return cli, _rows(log_dir), log_dir
 
@@ -126,7 +132,7 @@ def test_quantile_threshold_is_the_sft_scores_quantile(lab_run):
     assert initial >= 0.75  # at least 1 - q of the references, by construction (the lower quantile)
 
 
-def test_a_task_without_valid_completions_gets_sampled_metrics_and_a_note(sft_cache, tmp_path, caplog):
+def test_a_task_without_valid_completions_gets_sampled_metrics_and_a_note(lab_cache, tmp_path, caplog):
     import json
 
     train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
@@ -138,7 +144,7 @@ def test_a_task_without_valid_completions_gets_sampled_metrics_and_a_note(sft_ca
         "--trainer.val_check_interval=1.0", "--model.srr.enabled=false",
     ]  # fmt: skip
     with caplog.at_level("INFO"):
-        main(tiny_fit_args("configs/grpo.yaml", sft_cache, tmp_path, steps=1, extra=extra))
+        main(tiny_fit_args("configs/grpo.yaml", lab_cache, tmp_path, steps=1, extra=extra))
     notes = [r.getMessage() for r in caplog.records if "valid_completions" in r.getMessage()]
     assert len(notes) == 1 and "\n" not in notes[0] and "FileTask" in notes[0]
     (log_dir,) = glob.glob(str(tmp_path / "runs" / "grpo" / "version_*"))
@@ -163,12 +169,12 @@ def test_a_bad_quantile_threshold_is_a_config_error(bad):
         build_cli(["--config", config, f"--model.srr.thresholds=[{bad}]"], run=False)
 
 
-def test_a_resumed_run_keeps_the_initial_policys_scores(lab_run, sft_cache, tmp_path):
+def test_a_resumed_run_keeps_the_initial_policys_scores(lab_run, lab_cache, tmp_path):
     _, _, log_dir = lab_run
     ckpt = os.path.join(log_dir, "checkpoints", "last.ckpt")
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)["cappo_eval_sets"]
     extra = [*LAB, "--trainer.max_epochs=2", f"--ckpt_path={ckpt}"]
-    cli = build_cli(tiny_fit_args("configs/grpo.yaml", sft_cache, tmp_path, steps=2, extra=extra))
+    cli = build_cli(tiny_fit_args("configs/grpo.yaml", lab_cache, tmp_path, steps=2, extra=extra))
     assert cli.trainer.global_step == 4
     for split in ("val", "train"):
         kept = cli.model.eval_sets[split]
@@ -180,9 +186,9 @@ def test_a_resumed_run_keeps_the_initial_policys_scores(lab_run, sft_cache, tmp_
     assert not torch.equal(moved, saved["val"]["sft_logp"][0])
 
 
-def test_without_a_hidden_target_no_hidden_keys_are_logged(sft_cache, tmp_path):
+def test_without_a_hidden_target_no_hidden_keys_are_logged(lab_cache, tmp_path):
     extra = [*LAB, "--model.evaluation.hidden=null", "--model.evaluation.train_prompts=0", "--data.val_prompts=2"]
-    main(tiny_fit_args("configs/grpo.yaml", sft_cache, tmp_path, steps=1, extra=extra))
+    main(tiny_fit_args("configs/grpo.yaml", lab_cache, tmp_path, steps=1, extra=extra))
     (log_dir,) = glob.glob(str(tmp_path / "runs" / "grpo" / "version_*"))
     header = set(_rows(log_dir)[0])
     assert "val/exact/coverage@8" in header
